@@ -14,7 +14,8 @@ class Concept:
 
     words: what goes into the target prompt in place of the subject word, e.g. "sks dog" (DreamBooth) or
         "embedding:my_cat" (textual inversion).
-    class_word: the generic class noun inside `words` ("dog"); empty when there is none. The remaining word(s) are the
+    class_word: the generic class noun inside `words` ("dog"); empty when unknown (the prompt pair then infers it:
+        the subject word if it is one of the words, else the last of several words). The remaining word(s) are the
         concept's identifier ("sks"), whose token positions LocalBlend uses in the target prompt.
     kind: how the concept was loaded: "checkpoint", "diffusers", "lora", "embedding" or "words" (typed only).
     token_ids: the CLIP token ids of `words` without BOS/EOS (empty for an embedding, whose vectors are not ids).

@@ -1,0 +1,91 @@
+"""Prompt stage: the source/target prompt pair, encoded, with Photoswap's token bookkeeping."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..photoswap_core.alignment import PromptTokenizer, build_prompt_pair
+from ..photoswap_core.errors import PhotoswapInputError
+from .types import CATEGORY, Concept, Prompts
+
+
+def _encode(clip, text: str):
+    """Like core CLIPTextEncode."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+class PhotoswapPromptPair(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoswapPromptPair",
+            display_name="Photoswap Prompt Pair",
+            category=f"{CATEGORY}/prompts",
+            description=(
+                "Builds the two prompts of a Photoswap: the source prompt (describes the source image) and the target "
+                "prompt (the source prompt with the subject word replaced by the concept words, unless written "
+                "explicitly). Encodes both like CLIP Text Encode and outputs the token alignment (mapper/alphas) and "
+                "the subject token positions the swap sampler and LocalBlend need."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the model (SD1.x, SD2.x or SDXL), e.g. from the Photoswap "
+                                              "Concept Loader or a checkpoint loader."),
+                io.String.Input("source_prompt", multiline=True, default="A photo of a cat",
+                                tooltip="Describes the source image. Must contain the subject word."),
+                io.String.Input("subject_word", default="cat",
+                                tooltip="The word in the source prompt naming the subject to replace (e.g. 'cat'). "
+                                        "Its cross-attention drives LocalBlend on the source side."),
+                io.String.Input("concept_words", default="sks dog",
+                                tooltip="The words naming the new concept, e.g. 'sks dog' (DreamBooth) or "
+                                        "'embedding:name' (textual inversion). Overridden by a connected concept."),
+                io.String.Input("target_prompt", multiline=True, default="", optional=True,
+                                tooltip="Optional explicit target prompt; it must contain the concept words. Empty = "
+                                        "the source prompt with the subject word replaced by the concept words."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt, encoded like CLIP Text Encode (used where a sampler needs a "
+                                        "negative conditioning, e.g. for a synthetic source image)."),
+                Concept.Input("concept", optional=True,
+                              tooltip="A PHOTOSWAP_CONCEPT from the Photoswap Concept Loader; when connected its words "
+                                      "replace concept_words."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="source_positive",
+                                       tooltip="The encoded source prompt."),
+                io.Conditioning.Output(display_name="target_positive",
+                                       tooltip="The encoded target prompt (ControlNet etc. may be applied to it)."),
+                io.Conditioning.Output(display_name="negative", tooltip="The encoded negative prompt."),
+                Prompts.Output(display_name="prompts",
+                               tooltip="Token bookkeeping for the swap: token ids of both prompts, the alignment "
+                                       "(mapper/alphas) and the subject/concept token positions."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, source_prompt, subject_word, concept_words, target_prompt="", negative_prompt="",
+                concept=None) -> io.NodeOutput:
+        if clip is None:
+            raise PhotoswapInputError("clip", "a CLIP model", "connect the CLIP output of a checkpoint loader or of "
+                                      "the Photoswap Concept Loader (a checkpoint without a text encoder has none)")
+        class_word = None
+        if concept is not None:
+            words = getattr(concept, "words", None)
+            if not isinstance(words, str):
+                raise PhotoswapInputError("concept", "a PHOTOSWAP_CONCEPT from the Photoswap Concept Loader",
+                                          f"connect the concept loader's CONCEPT output (got {type(concept).__name__})")
+            concept_words = words
+            class_word = getattr(concept, "class_word", "") or None  # empty: infer (see alignment docstring)
+
+        pair = build_prompt_pair(PromptTokenizer.from_clip(clip), source_prompt, subject_word, concept_words,
+                                 target_prompt=target_prompt or None, class_word=class_word)
+
+        source = _encode(clip, pair.source_prompt)
+        target = _encode(clip, pair.target_prompt)
+        negative = _encode(clip, negative_prompt or "")
+        width = source[0][0].shape[1]
+        if width != pair.max_len:
+            raise PhotoswapInputError(
+                "clip", f"a CLIP text encoder with a {pair.max_len}-token context (SD1.x, SD2.x, SDXL); this one "
+                f"produced {width} tokens", "use an SD1.x, SD2.x or SDXL model: other model families are not "
+                "supported by Photoswap yet")
+        return io.NodeOutput(source, target, negative, pair)
+
+
+NODES = [PhotoswapPromptPair]
