@@ -70,6 +70,10 @@ class PhotoswapPromptPair(io.ComfyNode):
             if not isinstance(words, str):
                 raise PhotoswapInputError("concept", "a PHOTOSWAP_CONCEPT from the Photoswap Concept Loader",
                                           f"connect the concept loader's CONCEPT output (got {type(concept).__name__})")
+            if not words.strip():
+                raise PhotoswapInputError("concept", "a concept whose words are set (e.g. 'sks dog')",
+                                          "set the concept words in the Photoswap Concept Loader, or disconnect the "
+                                          "concept and type concept_words")
             concept_words = words
             class_word = getattr(concept, "class_word", "") or None  # empty: infer (see alignment docstring)
 

@@ -526,6 +526,14 @@ def test_node_explicit_target_and_errors(node, tiny_sd15, err_type):
     with pytest.raises(err_type) as info:
         _run(node, None)
     assert info.value.input_name == "clip"
+    from comfyui_photoswap.photoswap_core.concept import Concept
+
+    with pytest.raises(err_type) as info:
+        _run(node, tiny_sd15.clip, concept=Concept(words=" ", class_word="", kind="words", token_ids=()))
+    assert info.value.input_name == "concept"
+    with pytest.raises(err_type) as info:
+        _run(node, tiny_sd15.clip, concept="sks dog")
+    assert info.value.input_name == "concept"
 
 
 @pytest.mark.integration
