@@ -50,6 +50,9 @@ def bootstrap(fp32_text_enc: bool = True, cpu: bool | None = None):
     args.cpu = cpu
     args.fp32_text_enc = fp32_text_enc
     args.disable_all_custom_nodes = True
+    # ComfyUI picks sub-quadratic attention on CPU, ~20x slower than PyTorch SDPA at 4096 tokens; tests and
+    # benchmarks use SDPA, the kernel ComfyUI uses on CUDA (the server fixture passes --use-pytorch-cross-attention).
+    args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401  (reads args at import time)
     import folder_paths  # noqa: F401
 

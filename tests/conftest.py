@@ -17,6 +17,10 @@ if str(REPO_ROOT) not in sys.path:
 
 from devtools.comfy_env import bootstrap  # noqa: E402
 
+# Import ComfyUI before collection: pytest imports the pack's root __init__.py (which imports comfy_api) while
+# collecting, because the repo root is itself a package.
+bootstrap()
+
 SHARED_PARITY = REPO_ROOT.parent / "shared" / "parity"
 
 

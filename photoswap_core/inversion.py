@@ -1,0 +1,225 @@
+"""Real image → z_T plus everything the source pass needs to reproduce it (DESIGN.md §2, "Inversion").
+
+Methods:
+- `null_text`: DDIM inversion (guidance 1), then per-step null-embedding optimisation (Mokady et al.), as the
+  official Photoswap code runs it. Only the embedding gets gradients; optimisation in float32.
+- `direct`: DDIM inversion only; the source trajectory is the inversion latents themselves (pinned), null = "".
+- `negative_prompt`: null embedding := source prompt embedding at every step (no optimisation).
+- `ddim`: plain DDIM inversion with the "" null, for comparison.
+All latents here are VP latents (VAE latent × scale factor), float32, on the model's device.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PhotoswapInputError
+from .model_adapter import DirectEvaluator
+from .schedule import DDIMSchedule
+
+METHODS = ("null_text", "direct", "negative_prompt", "ddim")
+
+
+@dataclass
+class InversionSettings:
+    method: str = "null_text"
+    steps: int = 50
+    cfg: float = 7.5
+    inner_iterations: int = 10
+    early_stop_epsilon: float = 1e-5
+    learning_rate: float = 1e-2
+
+
+@dataclass
+class InversionOutput:
+    inversion_latents: list  # N+1 VP latents: index 0 = image latent, N = z_T
+    trajectory: list  # N+1 VP latents the source row takes: index i = latent entering step i, N = reconstruction
+    null_embeddings: torch.Tensor  # [N, 1, 77, C] float32 (CPU)
+    inner_iterations: list = field(default_factory=list)  # null_text: iterations run per step
+    losses: list = field(default_factory=list)  # null_text: pre-update loss of every iteration, per step
+
+
+def _check_interrupt():
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def ddim_step(x_vp, eps, alpha_from: float, alpha_to: float):
+    """Deterministic DDIM move of x from ᾱ_from to ᾱ_to with noise estimate eps (either direction)."""
+    x0 = (x_vp - math.sqrt(1.0 - alpha_from) * eps) / math.sqrt(alpha_from)
+    return math.sqrt(alpha_to) * x0 + math.sqrt(1.0 - alpha_to) * eps
+
+
+@torch.no_grad()
+def ddim_invert(evaluator: DirectEvaluator, schedule: DDIMSchedule, image_latent, cond_kwargs, progress=None):
+    """DDIM inversion, cond only, no guidance: step i evaluates ε at the destination timestep on the current latent."""
+    n = schedule.steps
+    latents = [image_latent]
+    x = image_latent.clone()
+    for i in range(n):
+        _check_interrupt()
+        src, dst = n - i, n - 1 - i  # sigma indices: σ(0) → σ(t_{N-1}) = σ(1) → … → σ(t_0)
+        eps = evaluator.eps(x, float(schedule.sigmas[dst]), **cond_kwargs)
+        x = ddim_step(x, eps, schedule.alpha_bar(src), schedule.alpha_bar(dst))
+        latents.append(x)
+        if progress:
+            progress(1)
+    return latents
+
+
+@contextmanager
+def grad_capable(evaluator: DirectEvaluator):
+    """Let autograd flow through the UNet to the context without weight gradients.
+
+    Inside ComfyUI's server every weight is an inference tensor, which autograd refuses to save for backward. Then
+    the weights are cloned into normal tensors for the duration of the optimisation and the UNet is called through
+    `torch.func.functional_call` (the shared model's parameters are swapped only during each call, then restored).
+    """
+    module = evaluator.base.diffusion_model
+    named = dict(module.named_parameters())
+    named.update(dict(module.named_buffers()))
+    needs_clone = any(t.is_inference() for t in named.values())
+    with torch.inference_mode(False), torch.enable_grad():
+        if not needs_clone:
+            yield
+            return
+        clones = {k: v.clone() for k, v in named.items()}
+        original_call = evaluator.base.diffusion_model
+
+        class _Functional(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                return torch.func.functional_call(original_call, clones, args, kwargs, strict=False)
+
+        functional = _Functional()
+        evaluator.base._modules["diffusion_model"] = functional
+        try:
+            yield
+        finally:
+            evaluator.base._modules["diffusion_model"] = original_call
+            del clones
+
+
+def _as_normal(t: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return t.clone() if t.is_inference() else t
+
+
+def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, null_start, settings,
+                           progress=None):
+    """Per-step null-embedding optimisation (reference semantics at N = 50, fractions scale with N otherwise).
+
+    For i = 0…N-1: warm start from step i-1's kept embedding (step 0 from ""), a fresh Adam with lr·(1 − i/(2N)),
+    up to `inner_iterations` of: uncond ε with grad → CFG → DDIM step → MSE to the inversion latent one step lower →
+    Adam step; stop when the pre-update loss < ε_stop + 2e-5·i·50/N. Then advance the source latent by one CFG step
+    with the kept (post-update) embedding; that sequence is the source trajectory.
+    """
+    n = schedule.steps
+    guidance = settings.cfg
+    y = cond_kwargs.get("y")
+    y = None if y is None else _as_normal(y)
+    cond_ctx = _as_normal(cond_kwargs["c_crossattn"])
+    embedding = _as_normal(null_start).float()
+    x = _as_normal(inversion_latents[-1])
+    trajectory = [x.detach().clone()]
+    kept, iterations, losses = [], [], []
+    with grad_capable(evaluator):
+        for i in range(n):
+            sigma = float(schedule.sigmas[i])
+            a_cur, a_next = schedule.alpha_bar(i), schedule.alpha_bar(i + 1)
+            target = _as_normal(inversion_latents[n - i - 1])
+            embedding = embedding.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([embedding], lr=settings.learning_rate * (1.0 - i / (2.0 * n)))
+            with torch.no_grad():
+                eps_cond = evaluator.eps(x, sigma, cond_ctx, y)
+            threshold = settings.early_stop_epsilon + 2e-5 * i * 50.0 / n
+            step_losses = []
+            for _ in range(settings.inner_iterations):
+                _check_interrupt()
+                eps_uncond = evaluator.eps(x, sigma, embedding, y)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+                prev = ddim_step(x, eps, a_cur, a_next)
+                loss = torch.nn.functional.mse_loss(prev, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_value = loss.item()
+                step_losses.append(loss_value)
+                if progress:
+                    progress(1)
+                if loss_value < threshold:
+                    break
+            if progress and len(step_losses) < settings.inner_iterations:
+                progress(settings.inner_iterations - len(step_losses))
+            iterations.append(len(step_losses))
+            losses.append(step_losses)
+            kept.append(embedding.detach().clone())
+            with torch.no_grad():
+                eps_uncond = evaluator.eps(x, sigma, kept[-1], y)
+                x = ddim_step(x, eps_uncond + guidance * (eps_cond - eps_uncond), a_cur, a_next)
+            trajectory.append(x.detach().clone())
+    return kept, trajectory, iterations, losses
+
+
+@torch.no_grad()
+def cfg_trajectory(evaluator, schedule, z_t, cond_kwargs, null_embeddings, guidance, progress=None):
+    """The source pass from z_T with CFG and per-step null embeddings (used for `negative_prompt` and `ddim`)."""
+    y = cond_kwargs.get("y")
+    x = z_t
+    trajectory = [x]
+    for i in range(schedule.steps):
+        _check_interrupt()
+        sigma = float(schedule.sigmas[i])
+        eps_c = evaluator.eps(x, sigma, cond_kwargs["c_crossattn"], y)
+        eps_u = evaluator.eps(x, sigma, null_embeddings[i], y)
+        x = ddim_step(x, eps_u + guidance * (eps_c - eps_u), schedule.alpha_bar(i), schedule.alpha_bar(i + 1))
+        trajectory.append(x)
+        if progress:
+            progress(1)
+    return trajectory
+
+
+def progress_total(settings: InversionSettings) -> int:
+    """Units of work for a ProgressBar: model evaluations of the inversion plus the source pass/optimisation."""
+    n = settings.steps
+    if settings.method == "null_text":
+        return n + n * settings.inner_iterations
+    if settings.method == "direct":
+        return n
+    return 2 * n
+
+
+def invert(model, schedule: DDIMSchedule, image_latent_vp, source_entry, null_entry, settings: InversionSettings,
+           progress=None) -> InversionOutput:
+    """Run one inversion. `source_entry` / `null_entry` are single CONDITIONING entries (tensor, options)."""
+    if settings.method not in METHODS:
+        raise PhotoswapInputError("method", f"one of {', '.join(METHODS)} (got {settings.method!r})",
+                                  "pick a listed method")
+    evaluator = DirectEvaluator(model, image_latent_vp.shape)
+    device = evaluator.device
+    x0 = image_latent_vp.to(device, torch.float32)
+    cond_kwargs = evaluator.model_kwargs(source_entry)
+    null_ctx = evaluator.model_kwargs(null_entry)["c_crossattn"]
+    inversion_latents = ddim_invert(evaluator, schedule, x0, cond_kwargs, progress)
+    n = schedule.steps
+    out = InversionOutput(inversion_latents=inversion_latents, trajectory=[], null_embeddings=None)
+    if settings.method == "null_text":
+        kept, trajectory, out.inner_iterations, out.losses = null_text_optimization(
+            evaluator, schedule, inversion_latents, cond_kwargs, null_ctx, settings, progress)
+        nulls = torch.stack([k.float() for k in kept])
+        out.trajectory = trajectory
+    elif settings.method == "direct":
+        nulls = null_ctx.float().unsqueeze(0).expand(n, *null_ctx.shape).clone()
+        out.trajectory = list(reversed(inversion_latents))
+    else:
+        ctx = cond_kwargs["c_crossattn"] if settings.method == "negative_prompt" else null_ctx
+        nulls = ctx.float().unsqueeze(0).expand(n, *ctx.shape).clone()
+        out.trajectory = cfg_trajectory(evaluator, schedule, inversion_latents[-1], cond_kwargs, nulls,
+                                        settings.cfg, progress)
+    out.null_embeddings = nulls.detach().to("cpu")
+    out.inversion_latents = [t.detach() for t in out.inversion_latents]
+    out.trajectory = [t.detach() for t in out.trajectory]
+    return out
