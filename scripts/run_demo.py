@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import socket
 import sys
 import time
@@ -33,6 +34,12 @@ def _port_free(port: int) -> bool:
 
 def serve(demo, port: int | None) -> int:
     port = port or (8188 if _port_free(8188) else free_port())
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, _stop)  # also when started in the background (where SIGINT is ignored)
+    signal.signal(signal.SIGTERM, _stop)
     server = ComfyServer(workdir=SERVE_WORKDIR, checkpoints=demo.CHECKPOINTS, port=port, output_dir=OUTPUT_DIR,
                          disable_api_nodes=False)
     try:
