@@ -306,7 +306,7 @@ def require_words(words: str, source_desc: str) -> None:
 def check_class_word(words: str, class_word: str) -> None:
     if not class_word:
         return
-    if class_word.lower() not in [w.lower() for w in words.split()] and class_word.lower() not in words.lower():
+    if not re.search(r"(?<!\S)" + re.escape(class_word) + r"(?!\S)", words, re.IGNORECASE):
         raise PhotoswapInputError(
             "class_word", f"the class noun that is part of the concept words {words!r} (e.g. 'dog' in 'sks dog')",
             f"make class_word one of the concept words, or leave it empty to let the prompt pair infer it "
@@ -956,7 +956,9 @@ def _is_te_key(k: str) -> bool:
 def check_lora(model, clip, sd: dict, fmt: str) -> LoraCheck:
     """Match every LoRA layer against the base model/CLIP (no patching)."""
     import comfy.lora
+    import comfy.lora_convert
 
+    sd = comfy.lora_convert.convert_lora(sd)
     key_map = {}
     if model is not None:
         key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
@@ -1167,6 +1169,14 @@ def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
+def unused_added_tokens_warning(display: str, added_tokens: list, ids, words: str) -> str | None:
+    """A warning when a folder's tokenizer adds tokens (trained with the concept) that the concept words do not use."""
+    if not added_tokens or any(int(i) >= CLIP_VOCAB_SIZE for i in ids):
+        return None
+    return (f"Photoswap: {display}'s tokenizer adds {added_tokens} (trained with the concept) but the concept words "
+            f"{words!r} do not use them; the training prompt probably named the subject with {added_tokens[0]!r}")
+
+
 # ====================================================================================================================
 # The whole load
 # ====================================================================================================================
@@ -1292,12 +1302,11 @@ def load_concept(source: str, *, ckpt_name: str = NONE_CHOICE, diffusers_folder:
         log.warning("Photoswap: %s holds no VAE; connect one to the vae input", display)
 
     ids, strings, report = analyse_words(out_clip, words, cw, kind=kind, origin=origin)
-    if kind == "diffusers" and added_tokens and not any(i >= CLIP_VOCAB_SIZE for i in ids):
-        msg = (f"Photoswap: {display}'s tokenizer adds {added_tokens} (trained with the concept) but the concept words "
-               f"{words!r} do not use them; the training prompt probably named the subject with "
-               f"{added_tokens[0]!r}")
-        log.warning(msg)
-        report += "\n  WARNING: " + msg[len("Photoswap: "):]
+    if kind == "diffusers":
+        msg = unused_added_tokens_warning(display, added_tokens, ids, words)
+        if msg:
+            log.warning(msg)
+            report += "\n  WARNING: " + msg[len("Photoswap: "):]
     concept = Concept(words=words, class_word=cw, kind=kind, token_ids=ids, token_strings=strings,
                       source=display, report=report)
     return LoadedConcept(model=out_model, clip=out_clip, vae=out_vae, concept=concept, notes=notes)
