@@ -52,9 +52,10 @@ TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_c
 
 
 @torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int, qk_gain: float = 3.0) -> None:
+def randomize_(module: torch.nn.Module, seed: int, qk_gain: float = 1.5) -> None:
     """Deterministic random init (ComfyUI's ops leave weights uninitialised). Fan-in scaled normals; norms at 1/0;
-    attention q/k projections amplified so attention maps are far from uniform (as in the shared parity model)."""
+    attention q/k projections amplified (×1.5) so maps are far from uniform, yet the network stays well conditioned
+    (×3 makes it chaotic: a 1e-6 input change moves the output by 2e-2)."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
         leaf = name.rsplit(".", 1)[-1]

@@ -1,0 +1,87 @@
+"""When and where each swap acts: the one place for the step windows and the layer rules (DESIGN.md §2).
+
+Step i of N (0-based); fractions out = self-output, map = self-map, cross = cross-map:
+- self-attention output: i ≤ int(out·N), inclusive, every self-attention layer, both CFG halves. (out = 0 disables it:
+  the reference would still swap step 0; we treat 0 as "off" so that zero windows mean plain sampling.)
+- self-attention map: i < int((out + map)·N) (the windows add), cond half only, layers at level ≥ 1.
+- cross-attention map: i < int(cross·(N+1)) (the reference sizes its table N+1), every cross layer, cond half only.
+- LocalBlend after step i when i ≥ int(start·N), from the level-2 cross maps of the down and up blocks.
+
+Levels are relative to the latent: level 0 = full latent resolution, each downsampling adds 1. At 512 px on SD1.x
+this reproduces the reference's absolute rules ("≤ 32² query tokens" = level ≥ 1; "the 16×16 maps" = level 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import PhotoswapInputError
+
+
+@dataclass(frozen=True)
+class SwapWindows:
+    self_output: float = 0.8
+    self_map: float = 0.0
+    cross_map: float = 0.6
+    local_blend: bool = True
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+
+    def validate(self, recorded_fraction: float | None = None) -> None:
+        for name in ("self_output", "self_map", "cross_map", "blend_threshold", "blend_start"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0 or value != value:
+                raise PhotoswapInputError(name, f"a fraction in [0, 1] (got {value})", "set it between 0 and 1")
+        if self.self_output + self.self_map > 1.0 + 1e-9:
+            raise PhotoswapInputError(
+                "self_map", f"self_output + self_map ≤ 1 (got {self.self_output} + {self.self_map})",
+                "the self-map window starts where the self-output window ends; lower one of them")
+        if recorded_fraction is not None:
+            needed = max(self.self_output + self.self_map, self.cross_map)
+            if needed > recorded_fraction + 1e-9:
+                raise PhotoswapInputError(
+                    "trace", f"swap windows within the recorded fraction {recorded_fraction:g} of the steps "
+                             f"(the windows need {needed:g})",
+                    f"raise record_fraction on the Photoswap Attention Recorder to at least {needed:g}, or shrink "
+                    "the windows")
+
+
+def output_swap_active(step: int, steps: int, windows: SwapWindows) -> bool:
+    return windows.self_output > 0.0 and step <= int(windows.self_output * steps)
+
+
+def map_swap_active(step: int, steps: int, windows: SwapWindows) -> bool:
+    return step < int((windows.self_output + windows.self_map) * steps)
+
+
+def cross_swap_active(step: int, steps: int, windows: SwapWindows) -> bool:
+    return step < int(windows.cross_map * (steps + 1))
+
+
+def blend_active(step: int, steps: int, windows: SwapWindows) -> bool:
+    return windows.local_blend and step >= int(windows.blend_start * steps)
+
+
+def recorded_windows(fraction: float) -> SwapWindows:
+    """The widest windows a trace recorded up to `fraction` serves (what the recorder must store)."""
+    return SwapWindows(self_output=fraction, self_map=0.0, cross_map=fraction, local_blend=True)
+
+
+def layer_level(extra_options: dict) -> int:
+    """How many times the latent was downsampled at this attention layer (0 = full latent resolution)."""
+    full = extra_options["original_shape"][2]
+    here = extra_options["activations_shape"][2]
+    level = 0
+    while full > here:
+        full = (full + 1) // 2
+        level += 1
+    return level
+
+
+def self_map_layer(level: int) -> bool:
+    """Self-map swap layers: all but the full-resolution level (SD1.x 512 px: the 11 layers with ≤ 32² tokens)."""
+    return level >= 1
+
+
+def blend_layer(level: int, block_name: str) -> bool:
+    """LocalBlend layers: level 2, down and up blocks only (SD1.x 512 px: the 16×16 layers, not the middle block)."""
+    return level == 2 and block_name != "middle"

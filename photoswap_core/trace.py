@@ -1,0 +1,93 @@
+"""SOURCE_TRACE: everything the target pass needs from the source pass.
+
+Always: schedule, source trajectory (VP latents), per-step null embeddings, the source conditioning and the
+per-step source cross-attention maps at the LocalBlend level (tiny). Optionally, within a memory budget, the attention
+tensors the swap windows need (DESIGN.md §3): per step and self-attention layer the source attention output (both CFG
+halves) and, at self-map layers, the source q/k (cond half); per cross layer the source q (cond half) and k (once).
+Tensors keep the model's compute dtype (fp16/bf16 on GPUs: half precision, lossless w.r.t. what was computed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class AttentionStore:
+    """Recorded source attention tensors, on the compute device or offloaded to CPU (pinned on CUDA)."""
+
+    def __init__(self, location: torch.device):
+        self.location = location
+        self.tensors: dict = {}
+        self.nbytes = 0
+
+    def put(self, key, tensor: torch.Tensor) -> None:
+        stored = tensor.detach()
+        if stored.device != self.location:
+            stored = stored.to(self.location, non_blocking=False)
+            if self.location.type == "cpu" and tensor.device.type == "cuda":
+                stored = stored.pin_memory()
+        else:
+            stored = stored.clone()
+        old = self.tensors.get(key)
+        if old is not None:
+            self.nbytes -= old.numel() * old.element_size()
+        self.tensors[key] = stored
+        self.nbytes += stored.numel() * stored.element_size()
+
+    def get(self, key, device) -> torch.Tensor:
+        try:
+            tensor = self.tensors[key]
+        except KeyError:
+            raise KeyError(f"the trace holds no recorded tensor for {key}") from None
+        return tensor.to(device, non_blocking=True) if tensor.device != device else tensor
+
+    def has(self, key) -> bool:
+        return key in self.tensors
+
+    def move_to(self, location: torch.device) -> None:
+        pin = location.type == "cpu" and torch.cuda.is_available()
+        for key, tensor in self.tensors.items():
+            moved = tensor.to(location)
+            self.tensors[key] = moved.pin_memory() if pin and moved.device.type == "cpu" else moved
+        self.location = location
+
+
+@dataclass
+class SourceTrace:
+    schedule: object  # schedule.DDIMSchedule
+    model_info: object  # model_adapter.ModelInfo
+    latent_shape: tuple  # (1, 4, h, w)
+    trajectory: list  # N+1 VP latents (CPU float32): index i enters step i; N = source reconstruction
+    null_embeddings: torch.Tensor  # [N, 1, 77, C] float32 CPU
+    source_conditioning: list  # CONDITIONING of the source prompt
+    negative_conditioning: list  # CONDITIONING whose pooled output/ADM the uncond rows use
+    cfg: float
+    method: str  # inversion method, or "synthetic"
+    record_fraction: float
+    weights_fingerprint: str
+    blend_maps: list = field(default_factory=list)  # per step: [tokens_b, 77] float32 source cond cross maps
+    blend_grid: tuple | None = None  # (h_b, w_b) of the LocalBlend level
+    store: AttentionStore | None = None
+    source_steps_k: list | None = None  # per step: the source's own DDIM step result (k-space); None: computed live
+    self_maps_recorded: bool = False
+    dropped_reason: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    @property
+    def has_attention(self) -> bool:
+        return self.store is not None
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.trajectory)
+        total += self.null_embeddings.numel() * self.null_embeddings.element_size()
+        total += sum(t.numel() * t.element_size() for t in self.blend_maps)
+        if self.store is not None:
+            total += self.store.nbytes
+        return total
+
+    def __deepcopy__(self, memo):  # immutable once built; never duplicated by ComfyUI's graph machinery
+        return self
