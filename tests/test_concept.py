@@ -743,3 +743,44 @@ def test_fingerprint_changes_with_file(Node, dirs, tmp_path):
     assert first
     safetensors.torch.save_file({"a": torch.zeros(3)}, path)
     assert Node.fingerprint_inputs(source="lora", lora_name="fp.safetensors") != first
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end: the node inside a real headless ComfyUI server
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_node_in_real_server(tmp_path, pack):
+    """CheckpointLoaderSimple (random SD1.5) -> concept loader (source lora) -> PreviewAny, through /prompt; then a
+    family-mismatch LoRA surfaces as the node's execution error."""
+    from devtools.checkpoints import checkpoint_path
+    from devtools.server import ComfyServer, ExecutionFailed
+
+    if not checkpoint_path("sd15").exists():
+        pytest.skip("random SD1.5 checkpoint not built (scripts/make_checkpoints.py; scripts/test.sh does it)")
+    good, bad = tmp_path / "e2e_dog.safetensors", tmp_path / "e2e_sdxl.safetensors"
+    write_lora(str(good), "kohya", SD15_LORA_UNET, SD15_LORA_TEXT, 4, 4.0)
+    write_lora(str(bad), "peft", SDXL_LORA_UNET, {}, 4)
+    with ComfyServer(workdir=tmp_path / "server", checkpoints=("sd15",)) as server:
+        server.start()
+        server.add_model("loras", good)
+        server.add_model("loras", bad)
+        info = server.object_info("PhotoswapConceptLoader")["PhotoswapConceptLoader"]
+        assert info["display_name"] == "Photoswap DreamBooth Concept Loader"
+
+        def graph(lora):
+            return {
+                "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_path("sd15").name}},
+                "2": {"class_type": "PhotoswapConceptLoader",
+                      "inputs": {"source": "lora", "ckpt_name": "(none)", "diffusers_folder": "(none)",
+                                 "lora_name": lora, "embedding_name": "(none)", "concept_words": "sks dog",
+                                 "class_word": "dog", "prefer_metadata": True, "strength_model": 1.0,
+                                 "strength_clip": 1.0, "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2]}},
+                "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 3]}},
+            }
+
+        result = server.run(graph(good.name), timeout=300)
+        outputs = result.outputs
+        assert "sks dog" in json.dumps(outputs["3"]) and "'sks' is one token" in json.dumps(outputs["2"])
+        with pytest.raises(ExecutionFailed) as info:
+            server.run(graph(bad.name), timeout=300)
+        assert info.value.node_type == "PhotoswapConceptLoader" and "SDXL" in info.value.exception_message
