@@ -1,11 +1,11 @@
 """The one attention patch: attn1/attn2 replace patches on every transformer block plus an APPLY_MODEL wrapper,
 driven by a per-run `SwapRun` found in `transformer_options["photoswap"]`.
 
-Modes (rows of each CFG chunk, derived from `cond_or_uncond` on every call):
-- "record": [source]; runs the source pass and stores what the swap windows need into a SourceTrace.
-- "target": [target]; source tensors come from the recorded trace.
-- "lockstep": [source, target]; source tensors come from the batch itself (the source row is pinned to its
-  trajectory by the sampler).
+Modes (one latent row per CFG chunk; roles derived from `cond_or_uncond` on every call):
+- "record": the source row; stores what the swap windows need (into a trace, or for one step in lockstep).
+- "target": the target row; source tensors come from `source_store` / `source_blend_maps`.
+Lockstep is the sampler alternating a record call and a target call every step, so it runs exactly the arithmetic
+of the recorded-trace mode.
 Exact fused forms (DESIGN.md §3): output swap copies the source attention output; self-map swap is
 SDPA(q_s, k_s, v_t); cross-map swap is computed from explicit 77-column maps. No self-attention map is materialised.
 """
@@ -52,13 +52,14 @@ class SwapRun:
     Created fresh by each node execution; `begin_run` resets step-dependent state at the start of every sampling run.
     """
 
-    def __init__(self, mode, steps, windows, trace=None, prompts=None, null_embeddings=None, source_kwargs=None,
-                 uncond_kwargs=None, recorder=None):
-        assert mode in ("record", "target", "lockstep")
+    def __init__(self, mode, steps, windows, source_store=None, source_blend_maps=None, prompts=None,
+                 null_embeddings=None, source_kwargs=None, uncond_kwargs=None, recorder=None):
+        assert mode in ("record", "target")
         self.mode = mode
         self.steps = steps
         self.windows = windows
-        self.trace = trace
+        self.source_store = source_store  # AttentionStore with the source tensors (target mode)
+        self.source_blend_maps = source_blend_maps  # per step [tokens_b, 77] source maps (target mode)
         self.prompts = prompts
         self.null_embeddings = null_embeddings  # [N, 1, 77, C] on device
         self.source_kwargs = source_kwargs or {}  # {'c_crossattn': [1,77,C], 'y': [1,adm]} for the source cond row
@@ -85,13 +86,10 @@ class SwapRun:
         self.step_blend_map = None  # record mode: this step's [tokens_b, 77] source map
 
     # ---- row bookkeeping ------------------------------------------------------------------------------------
-    def rows_per_chunk(self) -> int:
-        return 2 if self.mode == "lockstep" else 1
-
     def _chunks(self, extra, batch):
         chunks = extra.get("cond_or_uncond") or [0]
         per = batch // len(chunks)
-        if per != self.rows_per_chunk():
+        if per != 1:
             raise RuntimeError(
                 f"Photoswap: unexpected batch layout ({batch} rows for CFG chunks {chunks}); the latent batch must "
                 "be 1 (batches of images are not supported)")
@@ -104,38 +102,31 @@ class SwapRun:
     # ---- self-attention -----------------------------------------------------------------------------------------
     def self_attention(self, layer, q, k, v, extra, prior):
         i, n, w = self.step, self.steps, self.windows
-        chunks, per = self._chunks(extra, q.shape[0])
+        chunks, _ = self._chunks(extra, q.shape[0])
         level = swap_rules.layer_level(extra)
-        out_on = swap_rules.output_swap_active(i, n, w)
-        map_on = (not out_on) and swap_rules.map_swap_active(i, n, w) and swap_rules.self_map_layer(level)
         if self.mode == "record":
             out = _default_attention(prior, q, k, v, extra)
             self.recorder.record_self(i, layer, chunks, q, k, out, level)
             return out
-        if out_on:
+        store = self.source_store
+        if swap_rules.output_swap_active(i, n, w):
             for c in chunks:
                 self._log("self_output", layer, c)
-            if self.mode == "lockstep":
-                src = _default_attention(prior, q[0::2], k[0::2], v[0::2], extra)
-                return src.repeat_interleave(2, dim=0)
-            return torch.cat([self.trace.store.get(("out", i, layer, c), q.device) for c in chunks]).to(q.dtype)
-        if map_on and 0 in chunks:
+            return torch.cat([store.get(("out", i, layer, c), q.device) for c in chunks]).to(q.dtype)
+        if swap_rules.map_swap_active(i, n, w) and swap_rules.self_map_layer(level) and 0 in chunks:
             ci = chunks.index(0)
             self._log("self_map", layer, 0)
             q, k = q.clone(), k.clone()
-            if self.mode == "lockstep":
-                q[ci * 2 + 1], k[ci * 2 + 1] = q[ci * 2], k[ci * 2]
-            else:
-                q[ci] = self.trace.store.get(("q", i, layer), q.device)
-                k[ci] = self.trace.store.get(("k", i, layer), q.device)
+            q[ci] = store.get(("q", i, layer), q.device)
+            k[ci] = store.get(("k", i, layer), q.device)
         return _default_attention(prior, q, k, v, extra)
 
     # ---- cross-attention ----------------------------------------------------------------------------------------
     def cross_attention(self, layer, q, k, v, extra, prior):
-        """Cond rows use explicit 77-column maps at every step (the same arithmetic in every mode, so a source row
+        """Cond rows use explicit 77-column maps at every step (the same arithmetic in both modes, so a source row
         and a target row that should agree stay bit-identical); uncond rows use the fused kernel (or a prior patch)."""
         i, n, w = self.step, self.steps, self.windows
-        chunks, per = self._chunks(extra, q.shape[0])
+        chunks, _ = self._chunks(extra, q.shape[0])
         if 0 not in chunks:
             return _default_attention(prior, q, k, v, extra)
         level = swap_rules.layer_level(extra)
@@ -144,62 +135,40 @@ class SwapRun:
         ci = chunks.index(0)
         heads, precision = extra["n_heads"], extra.get("attn_precision")
         grid = tuple(extra["activations_shape"][2:])
-        rows = slice(ci * per, ci * per + per)  # the cond chunk: [source] / [target] / [source, target]
-        maps = explicit_cross_maps(q[rows], k[rows], heads, precision)  # [per, H, Nq, 77]
+        maps = explicit_cross_maps(q[ci:ci + 1], k[ci:ci + 1], heads, precision)  # [1, H, Nq, 77]
         if self.mode == "record":
             self.recorder.record_cross(i, layer, q[ci], k[ci], maps if at_blend else None, grid)
-            s_maps = None
-        elif self.mode == "target":
-            s_maps = None
-            if cross_on:
-                q_s = self.trace.store.get(("cq", i, layer), q.device).unsqueeze(0).to(q.dtype)
-                k_s = self.trace.store.get(("ck", layer), q.device).unsqueeze(0).to(q.dtype)
-                s_maps = explicit_cross_maps(q_s, k_s, heads, precision)
-        else:
-            s_maps = maps[0:1]
-        t_maps = maps[per - 1:per]
-        if cross_on and self.mode != "record":
+        elif cross_on:
             self._log("cross_map", layer, 0)
-            mapper = self._mapper.to(t_maps.device)
-            alphas = self._alphas.to(t_maps.device, t_maps.dtype)
-            t_maps = s_maps[..., mapper] * alphas + t_maps * (1 - alphas)
-            maps = torch.cat([maps[:per - 1], t_maps])
+            q_s = self.source_store.get(("cq", i, layer), q.device).unsqueeze(0).to(q.dtype)
+            k_s = self.source_store.get(("ck", layer), q.device).unsqueeze(0).to(q.dtype)
+            s_maps = explicit_cross_maps(q_s, k_s, heads, precision)
+            alphas = self._alphas.to(maps.device, maps.dtype)
+            maps = s_maps[..., self._mapper.to(maps.device)] * alphas + maps * (1 - alphas)
+        if self.mode == "target" and at_blend and w.local_blend:
+            self._accumulate_blend(maps[..., self._tgt_cols].sum(-1).mean(1)[0].float(), grid)
+        cond_out = maps_times_values(maps, v[ci:ci + 1], heads).to(q.dtype)
         if prior is not None:
             out = prior(q, k, v, extra)
             if not cross_on:
                 return out
             out = out.clone()
-            out[rows] = maps_times_values(maps, v[rows], heads).to(out.dtype)
-        else:
-            parts = []
-            for c_index, c in enumerate(chunks):
-                r = slice(c_index * per, c_index * per + per)
-                if c == 0:
-                    parts.append(maps_times_values(maps, v[r], heads).to(q.dtype))
-                else:
-                    parts.append(_default_attention(None, q[r], k[r], v[r], extra))
-            out = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if at_blend and w.local_blend and self.mode != "record":
-            tgt_cols = t_maps[..., self._tgt_cols].sum(-1).mean(1)[0].float()  # [Nq]
-            src_cols = s_maps[..., self._src_cols].sum(-1).mean(1)[0].float() if self.mode == "lockstep" else None
-            self._accumulate_blend(tgt_cols, src_cols, grid)
-        return out
+            out[ci] = cond_out[0].to(out.dtype)
+            return out
+        parts = [cond_out if c == 0 else _default_attention(None, q[j:j + 1], k[j:j + 1], v[j:j + 1], extra)
+                 for j, c in enumerate(chunks)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _accumulate_blend(self, tgt_cols, src_cols, grid):
+    def _accumulate_blend(self, tgt_cols, grid):
         self.blend_grid = grid
         self.blend_target = tgt_cols if self.blend_target is None else self.blend_target + tgt_cols
-        if src_cols is not None:
-            self.blend_source = src_cols if self.blend_source is None else self.blend_source + src_cols
 
     # ---- between steps --------------------------------------------------------------------------------------------
-    def source_blend_cols(self, step: int) -> torch.Tensor:
-        """Target mode: the source subject-column map of `step` from the trace's recorded level-2 maps."""
-        return self.trace.blend_maps[step][..., self._src_cols].sum(-1)
-
     def end_step(self, step: int, x_source_k: torch.Tensor, x_target_k: torch.Tensor):
-        """LocalBlend after a step; returns (new target latent, mask or None)."""
-        if self.mode == "target" and self.windows.local_blend and self.trace.blend_maps:
-            cols = self.source_blend_cols(step).to(x_target_k.device)
+        """LocalBlend after a target step; returns (new target latent, mask or None)."""
+        source_map = self.source_blend_maps[step] if self.windows.local_blend else None
+        if source_map is not None:
+            cols = source_map[..., self._src_cols].sum(-1).to(x_target_k.device)
             self.blend_source = cols if self.blend_source is None else self.blend_source + cols
         if not swap_rules.blend_active(step, self.steps, self.windows) or self.blend_target is None:
             return x_target_k, None
@@ -210,35 +179,26 @@ class SwapRun:
 
     # ---- conditioning rows (APPLY_MODEL wrapper) ------------------------------------------------------------------
     def rewrite_inputs(self, c_crossattn, control, transformer_options, kwargs):
-        """Per-step null embedding on uncond rows, the source prompt on source cond rows (lockstep), ControlNet
-        residuals removed from source rows (ControlNet belongs to the target conditioning)."""
+        """Per-step null embedding (and the negative's ADM vector) on uncond rows; in a record call the source
+        prompt on cond rows and no ControlNet residuals (ControlNet belongs to the target conditioning)."""
         chunks = transformer_options.get("cond_or_uncond") or [0]
-        batch = c_crossattn.shape[0]
-        per = batch // len(chunks)
         ctx = c_crossattn.clone()
         y = kwargs.get("y")
         y = y.clone() if y is not None else None
         null = self.null_embeddings[min(self.step, self.null_embeddings.shape[0] - 1)]
-        source_rows = []
-        for c_index, c in enumerate(chunks):
-            rows = slice(c_index * per, (c_index + 1) * per)
+        for row, c in enumerate(chunks):
             if c == 1:
-                ctx[rows] = null.to(ctx.device, ctx.dtype)
+                ctx[row] = null[0].to(ctx.device, ctx.dtype)
                 if y is not None and "y" in self.uncond_kwargs:
-                    y[rows] = self.uncond_kwargs["y"].to(y.device, y.dtype)
-            elif self.mode == "lockstep":
-                ctx[c_index * per] = self.source_kwargs["c_crossattn"][0].to(ctx.device, ctx.dtype)
+                    y[row] = self.uncond_kwargs["y"][0].to(y.device, y.dtype)
+            elif self.mode == "record":
+                ctx[row] = self.source_kwargs["c_crossattn"][0].to(ctx.device, ctx.dtype)
                 if y is not None and "y" in self.source_kwargs:
-                    y[c_index * per] = self.source_kwargs["y"][0].to(y.device, y.dtype)
-            if self.mode == "lockstep":
-                source_rows.append(c_index * per)
+                    y[row] = self.source_kwargs["y"][0].to(y.device, y.dtype)
         if y is not None:
             kwargs["y"] = y
-        if control is not None and source_rows:
-            keep = torch.ones(batch)
-            keep[source_rows] = 0.0
-            control = {name: [None if t is None else t * keep.to(t.device, t.dtype).view(-1, *([1] * (t.dim() - 1)))
-                              for t in tensors] for name, tensors in control.items()}
+        if control is not None and self.mode == "record":
+            control = None
         return ctx, control, kwargs
 
 

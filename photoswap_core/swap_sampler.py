@@ -29,45 +29,53 @@ def _scales(sigmas):
 
 
 def photoswap_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, run=None, plan=None):
-    """KSAMPLER function. x: k-space latent batch ([source, target] in lockstep, [source] or [target] otherwise)."""
+    """KSAMPLER function: deterministic DDIM (Euler over the DDIM sigmas) with the Photoswap between-step rules.
+
+    x is one k-space latent row. Record: the source row (pinned to the trajectory when there is one). Target: the
+    target row; in lockstep each step first runs a record call on the source row (one step's tensors, kept in
+    `plan["step_recorder"]`), then the target call, the exact arithmetic of the recorded-trace mode.
+    """
     import comfy.model_management
 
     extra_args = extra_args or {}
     run.begin_run()
     n = len(sigmas) - 1
     s_in = x.new_ones([x.shape[0]])
-    traj = plan.get("trajectory_k")  # list of k-space source latents on device, or None (synthetic recording)
-    source_steps = plan.get("source_steps")  # target mode: the recorded source's own step results (k-space)
-    generated = plan.setdefault("generated", [])
+    traj = plan.get("trajectory_k")  # k-space source latents on the device, or None (synthetic recording)
+    source_steps = plan.get("source_steps")  # recorded trace: the source's own step results (k-space)
+    step_recorder = plan.get("step_recorder")  # lockstep
     if traj is not None:  # start exactly at z_T (the LATENT round trip through the scale factor rounds)
-        x = traj[0].expand_as(x).clone()
+        x = traj[0].clone()
     for i in range(n):
         comfy.model_management.throw_exception_if_processing_interrupted()
         run.step = i
-        if traj is not None and run.mode in ("record", "lockstep"):
-            x = x.clone()
-            x[0] = traj[i][0]
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        x_next = x + (x - denoised) / sigma * (sigma_next - sigma)
         if run.mode == "record":
+            if traj is not None:
+                x = traj[i].clone()
+            denoised = model(x, sigma * s_in, **extra_args)
+            x_next = x + (x - denoised) / sigma * (sigma_next - sigma)
             plan.setdefault("source_steps_out", []).append(x_next.clone())
             if traj is None:
-                generated.append(x_next.clone())
+                plan.setdefault("generated", []).append(x_next.clone())
             else:
                 x_next = traj[i + 1].clone()
-            mask = None
-        elif run.mode == "lockstep":
-            source = traj[i + 1]
-            target = source + (x_next[1:2] - x_next[0:1])  # exact when both rows computed the same step
-            target, mask = run.end_step(i, source, target)
-            x_next = torch.cat([source, target])
         else:
+            if step_recorder is not None:
+                step_recorder.begin_step()
+                run.mode = "record"
+                src_denoised = model(traj[i], sigma * s_in, **extra_args)
+                run.mode = "target"
+                source_step = traj[i] + (traj[i] - src_denoised) / sigma * (sigma_next - sigma)
+            else:
+                source_step = source_steps[i]
+            denoised = model(x, sigma * s_in, **extra_args)
+            x_next = x + (x - denoised) / sigma * (sigma_next - sigma)
             source = traj[i + 1]
-            target = source + (x_next - source_steps[i])
+            target = source + (x_next - source_step)  # exact when both rows computed the same step
             x_next, mask = run.end_step(i, source, target)
-        if mask is not None:
-            plan["last_mask"] = mask
+            if mask is not None:
+                plan["last_mask"] = mask
         x = x_next
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
@@ -117,9 +125,9 @@ def _auto_budget_bytes(device) -> tuple[int, int]:
 class TraceRecorder:
     """Decides what the source pass stores (within `fraction` of the steps and a memory budget)."""
 
-    def __init__(self, steps, fraction, record_self_maps, device, budget_bytes=None, storage="auto"):
+    def __init__(self, steps, windows, record_self_maps, device, budget_bytes=None, storage="auto"):
         self.steps = steps
-        self.windows = swap_rules.recorded_windows(fraction)
+        self.windows = windows
         self.record_self_maps = record_self_maps
         device_budget, cpu_budget = _auto_budget_bytes(device)
         if budget_bytes is not None:
@@ -127,10 +135,15 @@ class TraceRecorder:
         self.device_budget, self.cpu_budget = device_budget, cpu_budget
         location = torch.device("cpu") if storage == "cpu" else device
         self.storage = storage
-        self.store = AttentionStore(location) if fraction > 0 and budget_bytes != 0 else None
+        self.store = AttentionStore(location) if budget_bytes != 0 else None
         self.blend_maps = [None] * steps
         self.blend_grid = None
         self.dropped_reason = None
+
+    def begin_step(self):
+        """Lockstep: keep only the current step's tensors."""
+        self.store.tensors.clear()
+        self.store.nbytes = 0
 
     def _check_budget(self):
         store = self.store
@@ -205,9 +218,11 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
         ctx = evaluator.model_kwargs(neg_entry)["c_crossattn"].float()
         null_embeddings = ctx.unsqueeze(0).expand(n, *ctx.shape).clone()
     scales = _scales(schedule.sigmas)
-    recorder = TraceRecorder(n, fraction, record_self_maps, device, budget_bytes, storage)
-    run = SwapRun("record", n, swap_rules.recorded_windows(fraction), null_embeddings=null_embeddings.to(device),
-                  recorder=recorder, uncond_kwargs=_y_only(evaluator.model_kwargs(neg_entry)))
+    windows = swap_rules.recorded_windows(fraction)
+    recorder = TraceRecorder(n, windows, record_self_maps, device, 0 if fraction <= 0 else budget_bytes, storage)
+    run = SwapRun("record", n, windows, null_embeddings=null_embeddings.to(device), recorder=recorder,
+                  source_kwargs=evaluator.model_kwargs(src_entry),
+                  uncond_kwargs=_y_only(evaluator.model_kwargs(neg_entry)))
     plan = {"trajectory_k": None}
     if trajectory_vp is not None:
         plan["trajectory_k"] = [t.to(device, torch.float32) * scales[i] for i, t in enumerate(trajectory_vp)]
@@ -283,17 +298,21 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
     evaluator = DirectEvaluator(model, trace.latent_shape)
     device = evaluator.device
     neg_entry = trace.negative_conditioning[0]
-    run = SwapRun(mode, trace.steps, windows, trace=trace, prompts=prompts,
-                  null_embeddings=trace.null_embeddings.to(device),
-                  source_kwargs=evaluator.model_kwargs(trace.source_conditioning[0]),
-                  uncond_kwargs=_y_only(evaluator.model_kwargs(neg_entry)))
-    run.events = events
     scales = _scales(trace.schedule.sigmas)
-    plan = {"trajectory_k": [t.to(device) * scales[i] for i, t in enumerate(trace.trajectory)],
-            "source_steps": [c.to(device) for c in trace.source_steps_k] if trace.source_steps_k else None}
-    start = plan["trajectory_k"][0]
+    plan = {"trajectory_k": [t.to(device) * scales[i] for i, t in enumerate(trace.trajectory)]}
     if mode == "lockstep":
-        start = torch.cat([start, start])
+        step_recorder = TraceRecorder(trace.steps, windows, True, device, storage="device")
+        plan["step_recorder"] = step_recorder
+        source_store, source_blend_maps = step_recorder.store, step_recorder.blend_maps
+    else:
+        plan["source_steps"] = [c.to(device) for c in trace.source_steps_k]
+        source_store, source_blend_maps = trace.store, trace.blend_maps
+    run = SwapRun("target", trace.steps, windows, source_store=source_store, source_blend_maps=source_blend_maps,
+                  prompts=prompts, null_embeddings=trace.null_embeddings.to(device),
+                  source_kwargs=evaluator.model_kwargs(trace.source_conditioning[0]),
+                  uncond_kwargs=_y_only(evaluator.model_kwargs(neg_entry)), recorder=plan.get("step_recorder"))
+    run.events = events
+    start = plan["trajectory_k"][0]
     patched = patch_model(model, run)
     out = _sample(patched, run, plan, start.cpu() / info.latent_scale, trace.schedule.sigmas, target_positive,
                   negative, cfg, callback)
