@@ -223,3 +223,65 @@ def invert(model, schedule: DDIMSchedule, image_latent_vp, source_entry, null_en
     out.inversion_latents = [t.detach() for t in out.inversion_latents]
     out.trajectory = [t.detach() for t in out.trajectory]
     return out
+
+
+@dataclass
+class InversionResult:
+    """PHOTOSWAP_INVERSION: everything a source pass needs to reproduce the inverted image."""
+    schedule: DDIMSchedule
+    model_info: object  # model_adapter.ModelInfo
+    settings: InversionSettings
+    latent_shape: tuple  # (1, 4, h, w)
+    trajectory: list  # N+1 VP latents (CPU float32); trajectory[0] = z_T, trajectory[N] = reconstruction
+    inversion_latents: list  # N+1 VP latents of the DDIM inversion (index 0 = image latent, N = z_T)
+    null_embeddings: torch.Tensor  # [N, 1, 77, C] float32 CPU
+    source_conditioning: list  # the CONDITIONING the inversion was made with
+    negative_conditioning: list
+    weights_fingerprint: str
+    latent_fingerprint: str
+    inner_iterations: list = field(default_factory=list)
+
+    @property
+    def z_t(self) -> torch.Tensor:
+        return self.trajectory[0]
+
+    def __deepcopy__(self, memo):  # immutable once built
+        return self
+
+
+def latent_fingerprint(latent: torch.Tensor) -> str:
+    import hashlib
+
+    data = latent.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def run_inversion(model, latent_samples, source_positive, negative, settings: InversionSettings,
+                  progress=None) -> InversionResult:
+    """Validate inputs and invert a LATENT (unscaled VAE latent, batch 1) into an InversionResult."""
+    from .model_adapter import inspect_model, single_conditioning
+    from .schedule import build_schedule
+    from .swap_sampler import check_latent, weights_fingerprint
+
+    info = inspect_model(model)
+    check_latent(latent_samples, "latent")
+    if settings.cfg <= 0:
+        raise PhotoswapInputError("cfg", f"a guidance scale > 0 (got {settings.cfg})", "use 7.5 (the paper's value)")
+    if settings.method == "null_text" and settings.cfg == 1.0:
+        raise PhotoswapInputError(
+            "cfg", "cfg > 1 for null-text inversion (the optimised null embedding acts only through the "
+                   "unconditional branch, which is skipped at cfg 1)", "use 7.5, or method 'direct'")
+    if settings.method == "null_text" and settings.inner_iterations < 1:
+        raise PhotoswapInputError("inner_iterations", "at least 1", "use 10 (the reference's value)")
+    src_entry = single_conditioning(source_positive, "source_positive")
+    neg_entry = single_conditioning(negative, "negative")
+    schedule = build_schedule(model.get_model_object("model_sampling"), settings.steps)
+    image_vp = latent_samples.float() * info.latent_scale
+    out = invert(model, schedule, image_vp, src_entry, neg_entry, settings, progress)
+    return InversionResult(
+        schedule=schedule, model_info=info, settings=settings, latent_shape=tuple(latent_samples.shape),
+        trajectory=[t.float().cpu() for t in out.trajectory],
+        inversion_latents=[t.float().cpu() for t in out.inversion_latents],
+        null_embeddings=out.null_embeddings, source_conditioning=source_positive, negative_conditioning=negative,
+        weights_fingerprint=weights_fingerprint(model), latent_fingerprint=latent_fingerprint(latent_samples),
+        inner_iterations=list(out.inner_iterations))
