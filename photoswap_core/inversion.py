@@ -109,25 +109,29 @@ def _as_normal(t: torch.Tensor) -> torch.Tensor:
 
 
 def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, null_start, settings,
-                           progress=None):
+                           progress=None, max_steps=None, uncond_y=None):
     """Per-step null-embedding optimisation (reference semantics at N = 50, fractions scale with N otherwise).
 
     For i = 0…N-1: warm start from step i-1's kept embedding (step 0 from ""), a fresh Adam with lr·(1 − i/(2N)),
     up to `inner_iterations` of: uncond ε with grad → CFG → DDIM step → MSE to the inversion latent one step lower →
     Adam step; stop when the pre-update loss < ε_stop + 2e-5·i·50/N. Then advance the source latent by one CFG step
     with the kept (post-update) embedding; that sequence is the source trajectory.
+    `max_steps`: optimise only steps 0 … max_steps-1 (the lr/threshold schedules still use N); for affordable tests.
+    `uncond_y`: SDXL's ADM vector for the unconditional branch (the negative's pooled output, as ComfyUI's sampler and
+    the swap use it); None = the source's. Only the token embedding is optimised; the pooled part stays as given.
     """
     n = schedule.steps
     guidance = settings.cfg
     y = cond_kwargs.get("y")
     y = None if y is None else _as_normal(y)
+    y_u = y if uncond_y is None else _as_normal(uncond_y)
     cond_ctx = _as_normal(cond_kwargs["c_crossattn"])
     embedding = _as_normal(null_start).float()
     x = _as_normal(inversion_latents[-1])
     trajectory = [x.detach().clone()]
     kept, iterations, losses = [], [], []
     with grad_capable(evaluator):
-        for i in range(n):
+        for i in range(n if max_steps is None else min(n, max_steps)):
             sigma = float(schedule.sigmas[i])
             a_cur, a_next = schedule.alpha_bar(i), schedule.alpha_bar(i + 1)
             target = _as_normal(inversion_latents[n - i - 1])
@@ -139,7 +143,7 @@ def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, 
             step_losses = []
             for _ in range(settings.inner_iterations):
                 _check_interrupt()
-                eps_uncond = evaluator.eps(x, sigma, embedding, y)
+                eps_uncond = evaluator.eps(x, sigma, embedding, y_u)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)
                 prev = ddim_step(x, eps, a_cur, a_next)
                 loss = torch.nn.functional.mse_loss(prev, target)
@@ -158,23 +162,24 @@ def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, 
             losses.append(step_losses)
             kept.append(embedding.detach().clone())
             with torch.no_grad():
-                eps_uncond = evaluator.eps(x, sigma, kept[-1], y)
+                eps_uncond = evaluator.eps(x, sigma, kept[-1], y_u)
                 x = ddim_step(x, eps_uncond + guidance * (eps_cond - eps_uncond), a_cur, a_next)
             trajectory.append(x.detach().clone())
     return kept, trajectory, iterations, losses
 
 
 @torch.no_grad()
-def cfg_trajectory(evaluator, schedule, z_t, cond_kwargs, null_embeddings, guidance, progress=None):
+def cfg_trajectory(evaluator, schedule, z_t, cond_kwargs, null_embeddings, guidance, progress=None, uncond_y=None):
     """The source pass from z_T with CFG and per-step null embeddings (used for `negative_prompt` and `ddim`)."""
     y = cond_kwargs.get("y")
+    y_u = y if uncond_y is None else uncond_y
     x = z_t
     trajectory = [x]
     for i in range(schedule.steps):
         _check_interrupt()
         sigma = float(schedule.sigmas[i])
         eps_c = evaluator.eps(x, sigma, cond_kwargs["c_crossattn"], y)
-        eps_u = evaluator.eps(x, sigma, null_embeddings[i], y)
+        eps_u = evaluator.eps(x, sigma, null_embeddings[i], y_u)
         x = ddim_step(x, eps_u + guidance * (eps_c - eps_u), schedule.alpha_bar(i), schedule.alpha_bar(i + 1))
         trajectory.append(x)
         if progress:
@@ -202,13 +207,15 @@ def invert(model, schedule: DDIMSchedule, image_latent_vp, source_entry, null_en
     device = evaluator.device
     x0 = image_latent_vp.to(device, torch.float32)
     cond_kwargs = evaluator.model_kwargs(source_entry)
-    null_ctx = evaluator.model_kwargs(null_entry)["c_crossattn"]
+    null_kwargs = evaluator.model_kwargs(null_entry)
+    null_ctx = null_kwargs["c_crossattn"]
+    uncond_y = null_kwargs.get("y")  # SDXL: the uncond branch keeps the negative's pooled/ADM, as in ComfyUI's CFG
     inversion_latents = ddim_invert(evaluator, schedule, x0, cond_kwargs, progress)
     n = schedule.steps
     out = InversionOutput(inversion_latents=inversion_latents, trajectory=[], null_embeddings=None)
     if settings.method == "null_text":
         kept, trajectory, out.inner_iterations, out.losses = null_text_optimization(
-            evaluator, schedule, inversion_latents, cond_kwargs, null_ctx, settings, progress)
+            evaluator, schedule, inversion_latents, cond_kwargs, null_ctx, settings, progress, uncond_y=uncond_y)
         nulls = torch.stack([k.float() for k in kept])
         out.trajectory = trajectory
     elif settings.method == "direct":
@@ -218,7 +225,7 @@ def invert(model, schedule: DDIMSchedule, image_latent_vp, source_entry, null_en
         ctx = cond_kwargs["c_crossattn"] if settings.method == "negative_prompt" else null_ctx
         nulls = ctx.float().unsqueeze(0).expand(n, *ctx.shape).clone()
         out.trajectory = cfg_trajectory(evaluator, schedule, inversion_latents[-1], cond_kwargs, nulls,
-                                        settings.cfg, progress)
+                                        settings.cfg, progress, uncond_y=uncond_y)
     out.null_embeddings = nulls.detach().to("cpu")
     out.inversion_latents = [t.detach() for t in out.inversion_latents]
     out.trajectory = [t.detach() for t in out.trajectory]
