@@ -46,6 +46,8 @@ def photoswap_ddim(model, x, sigmas, extra_args=None, callback=None, disable=Non
     step_recorder = plan.get("step_recorder")  # lockstep
     if traj is not None:  # start exactly at z_T (the LATENT round trip through the scale factor rounds)
         x = traj[0].clone()
+    elif plan.get("start_k") is not None:  # synthetic source: start exactly at the stored trajectory[0]
+        x = plan["start_k"].clone()
     for i in range(n):
         comfy.model_management.throw_exception_if_processing_interrupted()
         run.step = i
@@ -57,7 +59,12 @@ def photoswap_ddim(model, x, sigmas, extra_args=None, callback=None, disable=Non
             x_next = x + (x - denoised) / sigma * (sigma_next - sigma)
             plan.setdefault("source_steps_out", []).append(x_next.clone())
             if traj is None:
-                plan.setdefault("generated", []).append(x_next.clone())
+                # continue from exactly what the trace stores (VP float32, re-scaled by the swap): recorded tensors,
+                # source steps and trajectory then agree bit for bit, so trace mode ≡ lockstep and identity is exact
+                scale_next = math.sqrt(1.0 + float(sigma_next) ** 2)
+                x_vp = (x_next / scale_next).float()
+                x_next = x_vp * scale_next
+                plan.setdefault("generated_vp", []).append(x_vp.clone())
             else:
                 x_next = traj[i + 1].clone()
         else:
@@ -229,14 +236,14 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
         start = plan["trajectory_k"][0]
     else:
         start = start_latent_vp.to(device, torch.float32) * scales[0]
+        plan["start_k"] = start
     needs_pass = trajectory_vp is None or recorder.store is not None
     if needs_pass:
         patched = patch_model(model, run)
         _sample(patched, run, plan, start.cpu() / info.latent_scale, schedule.sigmas, source_positive, negative,
                 cfg, callback)
     if trajectory_vp is None:
-        trajectory_vp = [start_latent_vp.float().cpu()] + [
-            (g / scales[i + 1]).float().cpu() for i, g in enumerate(plan["generated"])]
+        trajectory_vp = [start_latent_vp.float().cpu()] + [g.cpu() for g in plan["generated_vp"]]
     trace = SourceTrace(
         schedule=schedule, model_info=info, latent_shape=shape,
         trajectory=[t.detach().float().cpu() for t in trajectory_vp],
@@ -294,6 +301,9 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
     mode = "target" if trace.has_attention and not lockstep else "lockstep"
     if mode == "target" and windows.self_map > 0 and not trace.self_maps_recorded:
         log.warning("Photoswap: the trace holds no self-attention maps (record_self_maps was off); running lockstep")
+        mode = "lockstep"
+    if mode == "target" and abs(cfg - trace.cfg) > 1e-9:
+        log.warning("Photoswap: cfg %.2f differs from the trace's %.2f; running lockstep", cfg, trace.cfg)
         mode = "lockstep"
     evaluator = DirectEvaluator(model, trace.latent_shape)
     device = evaluator.device

@@ -1,0 +1,175 @@
+"""Photoswap Attention Recorder and Attention Swap Sampler: thin wrappers over photoswap_core.swap_sampler."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from .types import CATEGORY, Inversion, Prompts, SourceTrace
+
+
+def _progress(total):
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+    return lambda step, x0, x, total_steps: bar.update_absolute(step + 1, total_steps)
+
+
+class PhotoswapAttentionRecorder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoswapAttentionRecorder",
+            display_name="Photoswap Attention Recorder",
+            category=f"{CATEGORY}/swap",
+            description=(
+                "Runs the source pass once and records what the swap needs: the source trajectory, null embeddings "
+                "and, within a memory budget, the source attention tensors of the swap windows. With an inversion "
+                "it reproduces the real photo; without one it generates the source image from a seed. Cached by "
+                "ComfyUI, so re-tuning the swap windows re-runs only the sampler."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model (with the concept) that the swap sampler will also use."),
+                io.Conditioning.Input("source_positive", tooltip="The encoded source prompt (Prompt Pair's "
+                                      "source_positive); must be the prompt the inversion was made with."),
+                io.Conditioning.Input("negative", tooltip="The negative/empty prompt. For a synthetic source its "
+                                      "embedding is the null embedding of every step; with an inversion the "
+                                      "inversion's null embeddings are used and only its pooled output matters."),
+                Inversion.Input("inversion", optional=True,
+                                tooltip="A PHOTOSWAP_INVERSION of the real photo. Leave unconnected to generate a "
+                                        "synthetic source from 'latent' and 'seed'."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Synthetic source only: an empty latent giving the size (Empty Latent Image)."),
+                io.Int.Input("seed", default=8888, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Synthetic source only: seed of the starting noise z_T."),
+                io.Int.Input("steps", default=50, min=2, max=1000,
+                             tooltip="Synthetic source only: DDIM steps (with an inversion its steps are used)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Guidance of the source pass (with an inversion its cfg is used). Use the same "
+                                       "cfg in the swap sampler, or it runs in lockstep."),
+                io.Float.Input("record_fraction", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Record the attention tensors for this fraction of the steps. The sampler's "
+                                       "windows must fit inside it. 0 = record no tensors (the sampler runs lockstep)."),
+                io.Boolean.Input("record_self_maps", default=False,
+                                 tooltip="Also record source queries/keys for the self-attention MAP window (only "
+                                         "needed when self_map > 0; costs memory)."),
+                io.Combo.Input("storage", options=["auto", "device", "cpu"], default="auto",
+                               tooltip="Where recorded tensors live: auto = on the GPU while within the budget, then "
+                                       "offloaded to CPU; device; cpu."),
+                io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="Upper bound for the recorded tensors in GB; 0 = auto (half of free memory). "
+                                       "Over budget, nothing is kept and the sampler runs lockstep."),
+            ],
+            outputs=[
+                SourceTrace.Output(display_name="trace", tooltip="The PHOTOSWAP_SOURCE_TRACE for the swap sampler."),
+                io.Latent.Output(display_name="source_latent", tooltip="The source pass's final latent (the "
+                                 "reconstruction of the photo, or the synthetic source image)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, source_positive, negative, inversion=None, latent=None, seed=8888, steps=50, cfg=7.5,
+                record_fraction=1.0, record_self_maps=False, storage="auto", memory_budget_gb=0.0) -> io.NodeOutput:
+        from ..photoswap_core.errors import PhotoswapInputError
+        from ..photoswap_core.model_adapter import inspect_model
+        from ..photoswap_core.schedule import build_schedule
+        from ..photoswap_core.swap_sampler import check_latent, check_trace_matches, record_trace
+
+        info = inspect_model(model)
+        budget = None if memory_budget_gb <= 0 else int(memory_budget_gb * 2**30)
+        if inversion is not None:
+            check_trace_matches(model, inversion, "inversion")
+            steps = inversion.schedule.steps
+            trace = record_trace(model, source_positive, negative, inversion.schedule, inversion.settings.cfg,
+                                 trajectory_vp=inversion.trajectory, null_embeddings=inversion.null_embeddings,
+                                 method=inversion.settings.method, fraction=record_fraction,
+                                 record_self_maps=record_self_maps, budget_bytes=budget, storage=storage,
+                                 callback=_progress(steps))
+        else:
+            if latent is None:
+                raise PhotoswapInputError(
+                    "inversion", "an inversion (real photo) or a latent (synthetic source)",
+                    "connect Photoswap Null-Text DDIM Inversion, or an Empty Latent Image for a synthetic source")
+            import comfy.sample
+
+            samples = latent["samples"]
+            check_latent(samples, "latent")
+            start = comfy.sample.prepare_noise(samples, seed).float()
+            schedule = build_schedule(model.get_model_object("model_sampling"), steps)
+            trace = record_trace(model, source_positive, negative, schedule, cfg, start_latent_vp=start,
+                                 method="synthetic", fraction=record_fraction, record_self_maps=record_self_maps,
+                                 budget_bytes=budget, storage=storage, callback=_progress(steps))
+        source = trace.trajectory[-1] / info.latent_scale
+        return io.NodeOutput(trace, {"samples": source})
+
+
+class PhotoswapAttentionSwapSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoswapAttentionSwapSampler",
+            display_name="Photoswap Attention Swap Sampler",
+            category=f"{CATEGORY}/swap",
+            description=(
+                "Generates the target image while swapping the source pass's self-attention outputs, self-attention "
+                "maps and cross-attention maps into it (Photoswap), with LocalBlend keeping the background. Samples "
+                "through ComfyUI's own sampling, so LoRA patches and ControlNet on the target conditioning work. "
+                "Uses the recorded trace when it holds the tensors, else runs source and target in lockstep."),
+            inputs=[
+                io.Model.Input("model", tooltip="The same MODEL the recorder used (same checkpoint and LoRAs)."),
+                SourceTrace.Input("trace", tooltip="From Photoswap Attention Recorder."),
+                io.Conditioning.Input("target_positive", tooltip="The encoded target prompt (Prompt Pair's "
+                                      "target_positive); ControlNet Apply may sit on it."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt. Its text embedding is replaced by the "
+                                      "trace's per-step null embeddings (as in the reference); ControlNet on it "
+                                      "still applies."),
+                Prompts.Input("prompts", tooltip="From Photoswap Prompt Pair: token alignment and subject tokens."),
+                io.Float.Input("self_output", default=0.8, min=0.0, max=1.0, step=0.01,
+                               tooltip="Self-attention OUTPUT swap window (fraction of steps, from the start). Carries "
+                                       "the source's layout and pose; higher = closer to the source, less identity. "
+                                       "Notebook: 0.8; paper: λ_φ = 10/50 = 0.2. 0 = off."),
+                io.Float.Input("self_map", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Self-attention MAP swap window, starting where self_output ends (the windows "
+                                       "add). Notebook: 0.0; paper: λ_M = 25/50. Needs record_self_maps in the "
+                                       "recorder (else lockstep)."),
+                io.Float.Input("cross_map", default=0.6, min=0.0, max=1.0, step=0.01,
+                               tooltip="Cross-attention MAP swap window: the target's word columns take the source's "
+                                       "(the concept token keeps its own). Notebook: 0.6; paper: λ_A = 20/50 = 0.4."),
+                io.Boolean.Input("local_blend", default=True,
+                                 tooltip="LocalBlend (official code): outside the subject masks the target latent is "
+                                         "pulled back to the source, keeping the background."),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="LocalBlend mask threshold on the normalised subject attention (0.3)."),
+                io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="LocalBlend starts after this fraction of the steps (0.2)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Guidance scale; keep the inversion's/recorder's cfg (7.5) for a faithful "
+                                       "source. A different cfg runs in lockstep."),
+                io.Boolean.Input("force_lockstep", default=False,
+                                 tooltip="Ignore recorded tensors and run source and target rows together (slower, "
+                                         "no trace memory; same result)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="swapped", tooltip="The target latent (decode with VAE Decode)."),
+                io.Latent.Output(display_name="source", tooltip="The source reconstruction latent."),
+                io.Mask.Output(display_name="blend_mask",
+                               tooltip="The last LocalBlend mask at image size (all ones when LocalBlend is off)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, trace, target_positive, negative, prompts, self_output=0.8, self_map=0.0, cross_map=0.6,
+                local_blend=True, blend_threshold=0.3, blend_start=0.2, cfg=7.5,
+                force_lockstep=False) -> io.NodeOutput:
+        from ..photoswap_core.swap_rules import SwapWindows
+        from ..photoswap_core.swap_sampler import swap
+
+        windows = SwapWindows(self_output, self_map, cross_map, local_blend, blend_threshold, blend_start)
+        target, source, mask, mode = swap(model, trace, target_positive, negative, prompts, windows, cfg,
+                                          lockstep=force_lockstep, callback=_progress(trace.steps))
+        h, w = target.shape[-2:]
+        if mask is None:
+            mask = torch.ones(1, 1, h, w)
+        mask = torch.nn.functional.interpolate(mask.float().cpu(), scale_factor=8, mode="nearest")[:, 0]
+        return io.NodeOutput({"samples": target.cpu()}, {"samples": source.cpu()}, mask)
+
+
+NODES = [PhotoswapAttentionRecorder, PhotoswapAttentionSwapSampler]
