@@ -101,20 +101,37 @@ def _sample(patched, run, plan, latent_k_unscaled, sigmas, positive, negative, c
 
 def weights_fingerprint(model) -> str:
     """A cheap fingerprint of the diffusion weights: sums of a sample of unpatched tensors plus the weight-patch list
-    (LoRA keys and strengths), stable whether or not ComfyUI has the patches applied right now."""
+    (LoRA keys, strengths and the sums of the patch tensors), stable whether or not ComfyUI has the patches applied
+    right now. Sums are taken in float64 on the CPU: a float32 sum depends on the thread count and the device (CPU vs
+    GPU, offloaded or not) in the 7th digit, which made the same weights look different (e.g. a saved inversion loaded
+    in another process)."""
     import hashlib
+
+    def total(t):
+        t = t.detach().to("cpu", torch.float64)
+        return f"{tuple(t.shape)}:{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}"
+
+    def patch_tensors(obj, depth=0):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif depth < 4 and isinstance(obj, (tuple, list)):
+            for item in obj:
+                yield from patch_tensors(item, depth + 1)
+        elif depth < 4 and isinstance(getattr(obj, "weights", None), (tuple, list)):  # LoRAAdapter & co.
+            yield from patch_tensors(obj.weights, depth + 1)
 
     h = hashlib.sha256()
     patches = getattr(model, "patches", {})
     sd = model.model.diffusion_model.state_dict()
     keys = [k for k in sorted(sd.keys()) if f"diffusion_model.{k}" not in patches]
     for key in keys[:: max(1, len(keys) // 16)]:
-        t = sd[key]
         h.update(key.encode())
-        h.update(f"{tuple(t.shape)}:{float(t.float().sum()):.6e}:{float(t.float().abs().sum()):.6e}".encode())
+        h.update(total(sd[key]).encode())
     for key in sorted(patches.keys()):
         h.update(str(key).encode())
-        h.update(str([(p[0], p[2]) for p in patches[key]]).encode())
+        for p in patches[key]:
+            h.update(f"{p[0]}:{p[2]}:".encode())
+            h.update(":".join(total(t) for t in patch_tensors(p[1])).encode())
     return h.hexdigest()[:16]
 
 
