@@ -27,8 +27,8 @@ class AttentionStore:
             stored = stored.to(self.location, non_blocking=False)
             if self.location.type == "cpu" and tensor.device.type == "cuda":
                 stored = stored.pin_memory()
-        else:
-            stored = stored.clone()
+        elif stored.untyped_storage().nbytes() > stored.numel() * stored.element_size():
+            stored = stored.clone()  # a view (one CFG half, one row): don't keep the whole batch tensor alive
         old = self.tensors.get(key)
         if old is not None:
             self.nbytes -= old.numel() * old.element_size()
