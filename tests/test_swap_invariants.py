@@ -67,12 +67,22 @@ def sd15_trace(tiny_sd15):
     return _trace(tiny_sd15, method="direct")
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2v", "sdxl"])
-@pytest.mark.parametrize("blend", [True, False])
-def test_identical_prompts_give_source_reconstruction(request, family, blend):
-    ms = request.getfixturevalue(f"tiny_{family}")
-    trace = _trace(ms, steps=6, hw=(12, 8), method="null_text" if family == "sd15" else "direct")
-    for out, mp, cross in WINDOW_SETS[:3]:
+@pytest.fixture(scope="module")
+def family_traces(request):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            ms = request.getfixturevalue(f"tiny_{family}")
+            cache[family] = (ms, _trace(ms, steps=6, hw=(12, 8), method="null_text" if family == "sd15" else "direct"))
+        return cache[family]
+    return get
+
+
+@pytest.mark.parametrize("family,blend", [("sd15", True), ("sd15", False), ("sd2v", True), ("sdxl", True)])
+def test_identical_prompts_give_source_reconstruction(family_traces, family, blend):
+    ms, trace = family_traces(family)
+    for out, mp, cross in WINDOW_SETS[:2] if family != "sd15" else WINDOW_SETS[:3]:
         for lockstep in (False, True):
             target, source, _, mode = _swap(ms, trace, _prompts(ms, same=True), _windows(out, mp, cross, blend),
                                             lockstep=lockstep, target_text=SRC)
