@@ -94,6 +94,12 @@ def grad_capable(evaluator: DirectEvaluator):
             def forward(self, *args, **kwargs):
                 return torch.func.functional_call(original_call, clones, args, kwargs, strict=False)
 
+            def __getattr__(self, name):  # attributes the model reads from its UNet (e.g. `dtype` in get_dtype())
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    return getattr(original_call, name)
+
         functional = _Functional()
         evaluator.base._modules["diffusion_model"] = functional
         try:
