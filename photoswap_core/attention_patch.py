@@ -149,11 +149,12 @@ class SwapRun:
             self._accumulate_blend(maps[..., self._tgt_cols].sum(-1).mean(1)[0].float(), grid)
         cond_out = maps_times_values(maps, v[ci:ci + 1], heads).to(q.dtype)
         if prior is not None:
-            out = prior(q, k, v, extra)
-            if not cross_on:
-                return out
-            out = out.clone()
-            out[ci] = cond_out[0].to(out.dtype)
+            # another pack's patch (IP-Adapter …) keeps its effect on every row and step: the cond row gets the
+            # explicit (possibly edited) output plus the prior's change to plain attention — the same arithmetic in
+            # record and target calls and whatever the windows, so identity and trace ≡ lockstep stay exact
+            out = prior(q, k, v, extra).clone()
+            plain = _default_attention(None, q[ci:ci + 1], k[ci:ci + 1], v[ci:ci + 1], extra)
+            out[ci] = (cond_out[0] + (out[ci] - plain[0])).to(out.dtype)
             return out
         parts = [cond_out if c == 0 else _default_attention(None, q[j:j + 1], k[j:j + 1], v[j:j + 1], extra)
                  for j, c in enumerate(chunks)]
