@@ -274,7 +274,7 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
     """Validate inputs and invert a LATENT (unscaled VAE latent, batch 1) into an InversionResult."""
     from .model_adapter import inspect_model, single_conditioning
     from .schedule import build_schedule
-    from .swap_sampler import check_latent, weights_fingerprint
+    from .swap_sampler import check_latent, check_prompt_width, weights_fingerprint
 
     info = inspect_model(model)
     check_latent(latent_samples, "latent")
@@ -288,6 +288,8 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
         raise PhotoswapInputError("inner_iterations", "at least 1", "use 10 (the reference's value)")
     src_entry = single_conditioning(source_positive, "source_positive")
     neg_entry = single_conditioning(negative, "negative")
+    check_prompt_width(model, src_entry, "source_positive")
+    check_prompt_width(model, neg_entry, "negative")
     schedule = build_schedule(model.get_model_object("model_sampling"), settings.steps)
     image_vp = latent_samples.float() * info.latent_scale
     out = invert(model, schedule, image_vp, src_entry, neg_entry, settings, progress)

@@ -223,6 +223,20 @@ def check_latent(samples: torch.Tensor, input_name: str, downscale: int = 8):
                                   "check the image and the VAE (an fp16 VAE overflow gives NaN; try --fp32-vae)")
 
 
+def check_prompt_width(model, entry, input_name: str) -> None:
+    """A prompt embedding must have the width the model's cross-attention expects (the same family's CLIP); else the
+    UNet would fail with a raw shape error deep inside sampling."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    context_dim = getattr(config, "unet_config", {}).get("context_dim") if config is not None else None
+    width = int(entry[0].shape[-1])
+    if context_dim is not None and width != int(context_dim):
+        raise PhotoswapInputError(
+            input_name, f"a prompt encoded by this model's CLIP ({context_dim} values per token; this one has "
+                        f"{width})",
+            "encode the prompts with the CLIP of the same checkpoint (or Concept Loader) as the MODEL: SD1.x prompts "
+            "have 768 values per token, SD2.x 1024, SDXL 2048")
+
+
 def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_vp=None, start_latent_vp=None,
                  null_embeddings=None, method="synthetic", fraction=1.0, record_self_maps=False, budget_bytes=None,
                  storage="auto", callback=None) -> SourceTrace:
@@ -234,6 +248,8 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
     info = inspect_model(model)
     src_entry = single_conditioning(source_positive, "source_positive")
     neg_entry = single_conditioning(negative, "negative")
+    check_prompt_width(model, src_entry, "source_positive")
+    check_prompt_width(model, neg_entry, "negative")
     shape = tuple((trajectory_vp[0] if trajectory_vp is not None else start_latent_vp).shape)
     evaluator = DirectEvaluator(model, shape)
     device = evaluator.device
@@ -302,7 +318,8 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
     check_trace_matches(model, trace)
     info = trace.model_info
     tgt_entry = single_conditioning(target_positive, "target_positive")
-    single_conditioning(negative, "negative")
+    check_prompt_width(model, tgt_entry, "target_positive")
+    check_prompt_width(model, single_conditioning(negative, "negative"), "negative")
     if tgt_entry[0].shape[-1] != trace.null_embeddings.shape[-1]:
         raise PhotoswapInputError("target_positive", "a prompt encoded by this model's CLIP",
                                   "encode the target prompt with the same CLIP as the source prompt")
