@@ -512,7 +512,8 @@ NOTES = {
           f"(concept words e.g. `{CONCEPT}`).\n2. {_WHERE}\n3. Queue. The null-text inversion (paper/official "
           "method, 50 steps) is the slow part; it is cached, so changing only the swap windows re-runs only the "
           "sampler.\n\nSwap windows are the official notebook's (self_output 0.8, self_map 0, cross_map 0.6). "
-          "The paper's text uses 0.2 / 0.5 / 0.4 (λ_φ=10, λ_M=25, λ_A=20 of 50 steps)."),
+          "The paper's text uses λ_φ=10, λ_M=25, λ_A=20 of 50 steps: self_output 0.2, self_map 0.3 (the map window "
+          "follows the output window here), cross_map 0.4."),
     "2": ("## Real-image swap (LoRA concept, direct inversion)\n"
           "1. Base SD1.5 checkpoint in `models/checkpoints/`, your DreamBooth-LoRA in `models/loras/`.\n"
           f"2. {_WHERE}\n3. Queue. `direct` inversion pins the source pass to the DDIM inversion: exact "

@@ -83,3 +83,15 @@ def test_pyproject_registry_fields(comfy):
     assert config.project.supported_os, "classifiers should name the supported operating systems"
     assert config.tool_comfy.publisher_id == comfy_tool["PublisherId"]
     assert config.tool_comfy.display_name == comfy_tool["DisplayName"]
+
+
+def test_readme_node_reference_covers_every_input(schemas):
+    """The README's node reference names every input of every node (so it cannot silently fall behind)."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"<details><summary>(.*?)</summary>(.*?)</details>", readme, flags=re.S)
+    assert blocks, "README has no node reference blocks"
+    for node_id, schema in schemas.items():
+        block = [body for summary, body in blocks if schema.display_name in summary]
+        assert block, f"README node reference has no block for {schema.display_name}"
+        missing = [i.id for i in schema.inputs if f"`{i.id}`" not in block[0]]
+        assert not missing, f"README node reference for {schema.display_name} misses inputs {missing}"
