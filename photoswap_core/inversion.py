@@ -75,38 +75,25 @@ def ddim_invert(evaluator: DirectEvaluator, schedule: DDIMSchedule, image_latent
 def grad_capable(evaluator: DirectEvaluator):
     """Let autograd flow through the UNet to the context without weight gradients.
 
-    Inside ComfyUI's server every weight is an inference tensor, which autograd refuses to save for backward. Then
-    the weights are cloned into normal tensors for the duration of the optimisation and the UNet is called through
-    `torch.func.functional_call` (the shared model's parameters are swapped only during each call, then restored).
+    Inside ComfyUI's server every weight is an inference tensor, which autograd refuses to save for backward. Such
+    weights are replaced, one tensor at a time, by normal tensors with the same values, dtype and device (ComfyUI
+    itself replaces parameters this way when it patches weights), so memory grows by one tensor, not by a second copy
+    of the model (cloning the whole UNet doubled the weights' memory: the server was OOM-killed on a 23 GB machine
+    with SD1.5 in fp32). The replacement stays: values are unchanged and later runs need no copies.
     """
-    module = evaluator.base.diffusion_model
-    named = dict(module.named_parameters())
-    named.update(dict(module.named_buffers()))
-    needs_clone = any(t.is_inference() for t in named.values())
     with torch.inference_mode(False), torch.enable_grad():
-        if not needs_clone:
-            yield
-            return
-        clones = {k: v.clone() for k, v in named.items()}
-        original_call = evaluator.base.diffusion_model
+        _replace_inference_tensors(evaluator.base.diffusion_model)
+        yield
 
-        class _Functional(torch.nn.Module):
-            def forward(self, *args, **kwargs):
-                return torch.func.functional_call(original_call, clones, args, kwargs, strict=False)
 
-            def __getattr__(self, name):  # attributes the model reads from its UNet (e.g. `dtype` in get_dtype())
-                try:
-                    return super().__getattr__(name)
-                except AttributeError:
-                    return getattr(original_call, name)
-
-        functional = _Functional()
-        evaluator.base._modules["diffusion_model"] = functional
-        try:
-            yield
-        finally:
-            evaluator.base._modules["diffusion_model"] = original_call
-            del clones
+def _replace_inference_tensors(module: torch.nn.Module) -> None:
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.is_inference():
+                sub._buffers[name] = buf.clone()
 
 
 def _as_normal(t: torch.Tensor) -> torch.Tensor:
