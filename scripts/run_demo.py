@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""Run the demo workflow (devtools/demo.py) in a real headless ComfyUI with this pack, or serve the UI.
+"""Run example workflow 1 (real-image Photoswap) end to end in a real headless ComfyUI with this pack, or serve the UI.
 
-Called by scripts/demo.sh after setup; run that instead. Options:
-    --serve           start ComfyUI with the pack and keep it running (prints the URL; Ctrl-C stops it)
-    --port N          port for --serve (default 8188, or a free one if 8188 is taken)
-    --steps N --size PX --seed N   demo workflow settings
-Outputs go to <repo>/output/demo/ (ignored by git); the server log of a run is printed on failure.
+Called by scripts/demo.sh after setup; run that instead:
+
+    bash scripts/demo.sh                      workflow 1 on the embedded default (random SD1.5 weights + the
+                                              scikit-image 'chelsea' cat photo), small and fast for a CPU
+    bash scripts/demo.sh --checkpoint ~/models/sks_dog.safetensors --concept-words "sks dog" \\
+         --photo ~/cat.jpg --source-prompt "A photo of a cat" --subject-word cat --size 512 --steps 50
+                                              the same workflow on your DreamBooth checkpoint and photo
+    bash scripts/demo.sh --serve              start ComfyUI with the pack (and its workflows under Templates) and
+                                              leave it running; Ctrl-C stops it
+
+Every option also reads an environment variable (PHOTOSWAP_DEMO_<OPTION>, e.g. PHOTOSWAP_DEMO_CHECKPOINT,
+PHOTOSWAP_DEMO_PHOTO, PHOTOSWAP_DEMO_CONCEPT_WORDS, PHOTOSWAP_DEMO_STEPS). Outputs go to <repo>/output/demo/
+(ignored by git); the server log is printed on failure.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import socket
 import sys
@@ -26,14 +35,21 @@ from devtools.server import ComfyServer, ComfyServerError, free_port  # noqa: E4
 OUTPUT_DIR = REPO_ROOT / "output" / "demo"
 SERVE_WORKDIR = REPO_ROOT / ".cache" / "demo-server"
 
+# CPU-sized defaults: the whole run takes a few minutes on a laptop-class CPU (see README "Development")
+DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_INNER = 128, 8, 2
+
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def serve(demo, port: int | None) -> int:
-    port = port or (8188 if _port_free(8188) else free_port())
+def _env(name: str, default=None):
+    return os.environ.get(f"PHOTOSWAP_DEMO_{name}", default)
+
+
+def serve(demo, args) -> int:
+    port = args.port or (8188 if _port_free(8188) else free_port())
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
@@ -44,9 +60,15 @@ def serve(demo, port: int | None) -> int:
                          disable_api_nodes=False)
     try:
         server.start()
-        demo.prepare_inputs(server.input_dir)
+        if args.checkpoint:
+            server.add_model("checkpoints", Path(args.checkpoint).expanduser())
+        demo.prepare_inputs(server.input_dir, args.photo)
         print(f"ComfyUI {server.comfyui_path} with comfyui-photoswap is running at {server.url}  (pid {server.pid})")
-        print(f"Checkpoints (RANDOM weights, for trying the nodes only): {server.models_dir / 'checkpoints'}")
+        print("Workflows: in the UI open Templates (or Workflow → Browse Templates) → comfyui-photoswap, or drag a "
+              f"file from {REPO_ROOT / 'workflows'} onto the canvas.")
+        print(f"Photo: {server.input_dir / demo.DEFAULT_PHOTO} (the workflows' Load Image default)")
+        print(f"Checkpoints: {server.models_dir / 'checkpoints'} — {demo.RANDOM_CHECKPOINT} has RANDOM weights (pick "
+              "it in the concept loader to try the nodes; the images will be noise)")
         print(f"Outputs: {OUTPUT_DIR}   Server log: {server.log_path}")
         print("Press Ctrl-C to stop it.", flush=True)
         while server.alive():
@@ -61,38 +83,85 @@ def serve(demo, port: int | None) -> int:
 
 
 def run(demo, args) -> int:
-    with ComfyServer(checkpoints=demo.CHECKPOINTS, output_dir=OUTPUT_DIR) as server:
+    random_weights = not args.checkpoint
+    width = args.width or args.size
+    height = args.height or args.size
+    with ComfyServer(checkpoints=demo.CHECKPOINTS if random_weights else (),
+                     output_dir=OUTPUT_DIR) as server:
         print(f"[demo] ComfyUI {server.comfyui_path} started with the pack at {server.url} "
               f"in {server.startup_seconds:.0f} s", file=sys.stderr)
         line = server.pack_import_line()
         print(f"[demo] pack import: {line or 'NOT FOUND in the startup log'}", file=sys.stderr)
-        demo.prepare_inputs(server.input_dir)
-        graph = demo.build_graph(width=args.size, height=args.size, steps=args.steps, seed=args.seed)
-        print(f"[demo] running the {demo.TITLE}, {args.size}x{args.size} px, {args.steps} steps", file=sys.stderr)
+        checkpoint = demo.RANDOM_CHECKPOINT
+        if args.checkpoint:
+            path = Path(args.checkpoint).expanduser()
+            if not path.is_file():
+                print(f"[demo] --checkpoint {path}: no such file", file=sys.stderr)
+                return 2
+            checkpoint = server.add_model("checkpoints", path).name
+        if args.photo and not Path(args.photo).expanduser().is_file():
+            print(f"[demo] --photo {args.photo}: no such file", file=sys.stderr)
+            return 2
+        photo = demo.prepare_inputs(server.input_dir, Path(args.photo).expanduser() if args.photo else None)
+        graph = demo.workflow_graph(server.object_info(), checkpoint=checkpoint, photo=photo, width=width,
+                                    height=height, steps=args.steps, inner_iterations=args.inner_iterations,
+                                    concept_words=args.concept_words, class_word=args.class_word,
+                                    source_prompt=args.source_prompt, subject_word=args.subject_word)
+        print(f"[demo] running {demo.TITLE} ({demo.WORKFLOW.relative_to(REPO_ROOT)}): {width}x{height} px, "
+              f"{args.steps} steps, null-text inversion with at most {args.inner_iterations} iterations per step, "
+              f"checkpoint {checkpoint}{' (RANDOM WEIGHTS)' if random_weights else ''}, photo "
+              f"{args.photo or 'scikit-image chelsea (cat)'}", file=sys.stderr, flush=True)
         try:
-            result = server.run(graph)
+            result = server.run(graph, timeout=args.timeout)
         except ComfyServerError as exc:
             print(f"[demo] FAILED: {exc}", file=sys.stderr)
             return 1
-    print(f"Demo finished in {result.seconds:.1f} s ({demo.TITLE}).")
-    for image in result.images:
-        print(f"Output image: {image}")
-    print(demo.RANDOM_WEIGHTS_NOTE)
-    return 0 if result.images else 1
+    found = demo.outputs_by_role(graph, result.outputs, OUTPUT_DIR)
+    print(f"Photoswap demo finished in {result.seconds:.1f} s ({demo.TITLE}).")
+    ok = True
+    for role, paths in found.items():
+        if not paths:
+            ok = False
+            print(f"  {role}: MISSING")
+        for path in paths:
+            print(f"  {role}: {path}")
+    if random_weights:
+        print(demo.RANDOM_WEIGHTS_NOTE)
+    else:
+        print(f"Checkpoint: {args.checkpoint} (your weights).")
+    return 0 if ok and found else 1
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Run the demo workflow in a real ComfyUI, or serve the UI.")
+    parser = argparse.ArgumentParser(description="Run Photoswap example workflow 1 in a real ComfyUI, or serve "
+                                                 "the UI. Options also come from PHOTOSWAP_DEMO_<OPTION> variables.")
     parser.add_argument("--serve", action="store_true", help="start ComfyUI with the pack and leave it running")
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=None, help="port for --serve (default 8188, else a free one)")
+    parser.add_argument("--checkpoint", default=_env("CHECKPOINT"),
+                        help="a real DreamBooth checkpoint file (SD1.x/SD2.x/SDXL .safetensors); default: the "
+                             "random SD1.5 checkpoint")
+    parser.add_argument("--concept-words", default=_env("CONCEPT_WORDS"),
+                        help="the checkpoint's concept words (identifier + class), default 'sks dog'")
+    parser.add_argument("--class-word", default=_env("CLASS_WORD"), help="class word inside the concept words")
+    parser.add_argument("--photo", default=_env("PHOTO"), help="your photo; default scikit-image's chelsea (a cat)")
+    parser.add_argument("--source-prompt", default=_env("SOURCE_PROMPT"),
+                        help="describes the photo; default 'A photo of a cat'")
+    parser.add_argument("--subject-word", default=_env("SUBJECT_WORD"), help="the subject to replace; default 'cat'")
+    parser.add_argument("--size", type=int, default=int(_env("SIZE", DEFAULT_SIZE)),
+                        help=f"square size in px (default {DEFAULT_SIZE}; the workflow itself uses 512)")
+    parser.add_argument("--width", type=int, default=_env("WIDTH") and int(_env("WIDTH")))
+    parser.add_argument("--height", type=int, default=_env("HEIGHT") and int(_env("HEIGHT")))
+    parser.add_argument("--steps", type=int, default=int(_env("STEPS", DEFAULT_STEPS)),
+                        help=f"DDIM steps (default {DEFAULT_STEPS}; the workflow/paper use 50)")
+    parser.add_argument("--inner-iterations", type=int, default=int(_env("INNER_ITERATIONS", DEFAULT_INNER)),
+                        help=f"null-text optimisation iterations per step at most (default {DEFAULT_INNER}; the "
+                             "workflow/paper use 10)")
+    parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", 3600)))
     parser.add_argument("--demo-module", default="devtools.demo", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     demo = importlib.import_module(args.demo_module)
     try:
-        return serve(demo, args.port) if args.serve else run(demo, args)
+        return serve(demo, args) if args.serve else run(demo, args)
     except ComfyServerError as exc:
         print(f"[demo] {exc}", file=sys.stderr)
         return 1
