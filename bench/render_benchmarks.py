@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Render BENCHMARKS.md and the README's Performance figures from bench/results/*.json.
+
+    .venv/bin/python bench/render_benchmarks.py          # rewrite BENCHMARKS.md and the README block
+    .venv/bin/python bench/render_benchmarks.py --check  # exit 1 when either is out of date (a test runs this)
+
+Every figure in those documents comes from a JSON that `bench/run_bench.py` wrote, which names the machine, so a
+number cannot be edited by hand without the check failing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.append(str(BENCH_DIR))
+
+from run_bench import STAGE_ORDER, TARGETS, format_table  # noqa: E402
+
+RESULTS = BENCH_DIR / "results"
+BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
+README = REPO_ROOT / "README.md"
+README_START = "<!-- bench:start (bench/render_benchmarks.py writes this block) -->"
+README_END = "<!-- bench:end -->"
+SUMMARY_STAGES = ["swap_trace", "swap_lockstep", "inversion_direct", "inversion_null_text", "record"]
+DEVICE_ORDER = {"cpu": 0, "cuda": 1}
+
+
+def load_results() -> list[tuple[str, dict]]:
+    found = [(p.name, json.loads(p.read_text())) for p in RESULTS.glob("*.json")]
+    return sorted(found, key=lambda item: (DEVICE_ORDER.get(item[1]["meta"]["device"], 2), item[0]))
+
+
+def machine(meta: dict) -> str:
+    if meta["device"] == "cuda":
+        return f"{meta['device_name']} (CUDA), {meta['dtype']}"
+    return f"{meta['device_name']}, {meta['torch_threads']} torch thread(s) of {meta['cpu_count']} CPUs, {meta['dtype']}"
+
+
+def setting(meta: dict) -> str:
+    return (f"{meta['family']} {meta['size']}×{meta['size']} px, {meta['steps']} steps, "
+            f"null-text ≤ {meta['inner_iterations']} it/step")
+
+
+def ratio_cell(stage: dict | None) -> str:
+    if stage is None:
+        return "–"
+    if "error" in stage:
+        return "failed"
+    text = f"{stage['ratio']:.2f}×"
+    if "target_ratio" in stage:
+        text += " ✓" if stage["meets_target"] else " ✗"
+    return text
+
+
+def summary_table(results: list[tuple[str, dict]]) -> list[str]:
+    head = ["machine", "setting", "plain pass (unit)"] + [label_of(s) for s in SUMMARY_STAGES] + ["e2e direct",
+                                                                                                  "e2e null_text"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, result in results:
+        meta, stages = result["meta"], result["stages"]
+        unit = stages.get("plain", {})
+        row = [machine(meta), f"{setting(meta)} ([json](bench/results/{name}))",
+               f"{unit['seconds']:.2f} s" if "seconds" in unit else "–"]
+        row += [ratio_cell(stages.get(s)) for s in SUMMARY_STAGES]
+        for e2e in ("e2e_direct", "e2e_null_text"):
+            s = stages.get(e2e)
+            row.append(f"{s['seconds']:.1f} s ({s['ratio']:.1f}×)" if s and "seconds" in s else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def label_of(stage: str) -> str:
+    label = dict(STAGE_ORDER).get(stage, stage)
+    target = TARGETS.get(stage)
+    return f"{label} (target ≤ {target:g}×)" if target else label
+
+
+def render_benchmarks(results) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `bench/render_benchmarks.py` from `bench/results/*.json` (each written by `bench/run_bench.py`, "
+        "which records the machine, versions, load and git commit). Ratios are to a plain 50-step-style CFG pass "
+        "(ComfyUI's stock KSampler, DDIM) measured in the same process; ✓/✗ compare with the DESIGN.md §6 targets. "
+        "Random weights: speed does not depend on weight values. How to rerun and what each row means: "
+        "[bench/README.md](bench/README.md).",
+        "",
+        "## Summary",
+        "",
+        *summary_table(results),
+        "",
+        "GPU: no GPU has been lent to this project yet, so there are no CUDA rows. The runs to make when one is: "
+        "`bench/run_bench.py --family sd15 --size 512 --device cuda` and `--family sdxl --size 1024 --device cuda` "
+        "(then this script).",
+        "",
+        "## Full tables",
+    ]
+    for name, result in results:
+        lines += ["", f"### `{name}`", "", "```", format_table(result), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def render_readme_block(results) -> str:
+    return "\n".join([README_START, "", *summary_table(results), "", README_END])
+
+
+def updated_readme(text: str, results) -> str:
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < 0:
+        raise SystemExit(f"README.md lacks the markers {README_START!r} … {README_END!r}")
+    return text[:start] + render_readme_block(results) + text[end + len(README_END):]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check that both files are up to date")
+    args = parser.parse_args(argv)
+    results = load_results()
+    if not results:
+        raise SystemExit(f"no results in {RESULTS}: run bench/run_bench.py first")
+    want_bench = render_benchmarks(results)
+    want_readme = updated_readme(README.read_text(encoding="utf-8"), results)
+    if args.check:
+        stale = [p.name for p, want in ((BENCHMARKS_MD, want_bench), (README, want_readme))
+                 if not p.exists() or p.read_text(encoding="utf-8") != want]
+        if stale:
+            print(f"out of date: {', '.join(stale)} (run bench/render_benchmarks.py)", file=sys.stderr)
+            return 1
+        return 0
+    BENCHMARKS_MD.write_text(want_bench, encoding="utf-8")
+    README.write_text(want_readme, encoding="utf-8")
+    print(f"wrote {BENCHMARKS_MD.name} and the README block from {len(results)} result(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
