@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["plain", "plain_custom", "inversion_ddim", "inversion_negative_prompt", "inversion_direct",
@@ -22,6 +22,7 @@ STAGES = ["plain", "plain_custom", "inversion_ddim", "inversion_negative_prompt"
           "e2e_null_text", "e2e_null_text_lockstep"]
 
 
+@pytest.mark.integration
 def test_bench_suite_tiny(tmp_path):
     out = tmp_path / "tiny.json"
     cmd = [sys.executable, str(REPO_ROOT / "bench" / "run_bench.py"), "--family", "tiny", "--size", "64",
@@ -50,3 +51,12 @@ def test_bench_suite_tiny(tmp_path):
     for key in ("device_name", "dtype", "torch", "comfyui", "size", "steps", "memory_method"):
         assert meta.get(key), key
     print("ratios: " + ", ".join(f"{name} {stages[name]['ratio']:.2f}x" for name in STAGES))
+
+
+@pytest.mark.unit
+def test_benchmark_documents_match_the_results():
+    """BENCHMARKS.md and the README's Performance block are exactly what bench/render_benchmarks.py makes of
+    bench/results/*.json: no figure in them was typed by hand or left stale."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "render_benchmarks.py"), "--check"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
