@@ -959,11 +959,15 @@ def test_server_cancel_during_inversion(comfy_server):
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_server_cancel_during_null_text_optimisation(comfy_server):
-    """/interrupt inside the null-text optimisation (which runs the UNet through cloned weights, ~+3.3 GB on the
-    fp32 SD1.5): afterwards the graph gives exactly the uninterrupted result and the process holds no more memory
-    than after the uninterrupted run (the clones of the interrupted run are released)."""
+    """/interrupt inside the null-text optimisation: afterwards the graph gives the uninterrupted result and the
+    process holds no more memory than after the uninterrupted run.
+
+    "The uninterrupted result" up to float noise, not bit for bit: on a multi-threaded CPU (and on CUDA) the
+    backward pass's reductions are not bitwise deterministic (measured: the context gradient of the SD1.5 UNet
+    differs between identical calls with 2 threads, is identical with 1), so two uninterrupted null-text runs differ
+    by ~1e-4 after the chaotic random model amplifies it. The bit-exact cancel check is the in-process
+    test_cancel_null_text_with_inference_weights."""
     server = comfy_server
     if "PhotoswapNullTextInversion" not in server.object_info():
         pytest.skip("PhotoswapNullTextInversion is not registered yet")
@@ -979,7 +983,9 @@ def test_server_cancel_during_null_text_optimisation(comfy_server):
     with PeakRSS(server) as peak_rerun:
         again = server.run(reference_graph, timeout=1800)  # the cancelled prompt evicted the cached inversion
     assert "inv" in _executed_nodes(again)
-    assert torch.equal(_saved_latent(server, again), reference)
+    rerun = _saved_latent(server, again)
+    assert torch.isfinite(rerun).all()
+    assert float((rerun - reference).norm() / reference.norm()) < 1e-4
     rss_after = _rss(server)
     print(f"RSS MB: after reference {rss_ref / 2**20:.0f} (peak {peak_ref.peak / 2**20:.0f}), cancel peak "
           f"{peak_cancel.peak / 2**20:.0f}, rerun peak {peak_rerun.peak / 2**20:.0f}, after {rss_after / 2**20:.0f}")
@@ -1026,15 +1032,6 @@ def _check_repeated(data, compare_windows):
 
 
 @pytest.mark.e2e
-def test_server_repeated_runs_short(comfy_server):
-    """5 runs changing only the windows: the recorder runs once (cached afterwards), identical settings give the
-    identical latent, RSS stays flat."""
-    data = _repeated_runs(comfy_server, 5)
-    _check_repeated(data, (slice(1, 3), slice(3, 5)))
-
-
-@pytest.mark.e2e
-@pytest.mark.slow
 def test_server_repeated_runs_30(comfy_server):
     """30 runs changing only the windows: recorder once, identical outputs for identical inputs, no RSS growth
     (median of runs 5–10 vs 25–30)."""
