@@ -390,6 +390,38 @@ def test_null_text_beats_ddim_and_follows_early_stop_rule(inv, comfy):
 
 
 @pytest.mark.unit
+def test_null_text_optimises_in_float32_on_a_bf16_model(inv, comfy):
+    """A bf16 UNet (as ComfyUI loads models on many GPUs): the null embeddings are optimised and stored in float32,
+    the losses are finite, and the optimisation still beats plain DDIM inversion's reconstruction."""
+    from comfyui_photoswap.photoswap_core.model_adapter import single_conditioning
+    from comfyui_photoswap.photoswap_core.schedule import build_schedule
+    from devtools.tiny_models import build_tiny
+
+    tiny = build_tiny("sd15", seed=0)
+    base = tiny.model.model
+    base.diffusion_model.to(torch.bfloat16)  # under inference mode: bf16 inference tensors, as the server loads them
+    assert next(base.diffusion_model.parameters()).is_inference()
+    base.diffusion_model.dtype = torch.bfloat16
+    base.manual_cast_dtype = None
+    assert base.get_dtype() == torch.bfloat16
+    pos, neg = encode(tiny.clip, "a photo of a man"), encode(tiny.clip, "")
+    image_vp = image_latent(tiny, 8, 8) * scale_of(tiny)
+    schedule = build_schedule(tiny.model.get_model_object("model_sampling"), 3)
+    src, null = single_conditioning(pos, "p"), single_conditioning(neg, "n")
+    plain = inv.invert(tiny.model, schedule, image_vp, src, null, inv.InversionSettings(method="ddim", steps=3))
+    settings = inv.InversionSettings(method="null_text", steps=3, cfg=7.5, inner_iterations=3,
+                                     early_stop_epsilon=0.0, learning_rate=NT_LR)  # bf16 on a CPU is slow: few steps
+    out = inv.invert(tiny.model, schedule, image_vp, src, null, settings)
+    assert out.null_embeddings.dtype == torch.float32
+    assert all(math.isfinite(v) for step in out.losses for v in step)
+    assert not torch.equal(out.null_embeddings[0], neg[0][0].float())
+    plain_err = float((plain.trajectory[-1].float() - image_vp).pow(2).mean())
+    nt_err = float((out.trajectory[-1].float() - image_vp).pow(2).mean())
+    print(f"bf16 model: reconstruction MSE ddim {plain_err:.3e}, null_text {nt_err:.3e}")
+    assert nt_err < plain_err
+
+
+@pytest.mark.unit
 def test_cancel_interrupts_inversion(inv, tiny_sd15):
     import comfy.model_management as mm
 
