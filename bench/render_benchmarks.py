@@ -95,8 +95,8 @@ def render_benchmarks(results) -> str:
         *summary_table(results),
         "",
         "GPU: no GPU has been lent to this project yet, so there are no CUDA rows. The runs to make when one is: "
-        "`bench/run_bench.py --family sd15 --size 512 --device cuda` and `--family sdxl --size 1024 --device cuda` "
-        "(then this script).",
+        "`bash bench/run_gpu.sh` (SD1.5 512 px in fp16 and bf16, SDXL 1024 px, CUDA sync counts; "
+        "then re-renders this file).",
         "",
         "## Reading the numbers",
         "",
