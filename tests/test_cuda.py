@@ -1,0 +1,108 @@
+"""CUDA-only behaviour (issue: performance / GPU): half-precision models, a trace kept on the GPU vs offloaded to
+pinned CPU memory, and no host-device synchronisation inside the per-layer attention patch.
+
+Run on a CUDA machine with ComfyUI on the GPU:  PHOTOSWAP_DEVICE=cuda bash scripts/test.sh -m cuda
+Everywhere else (CI, CPU machines) every test here is skipped, saying why. Not yet run: no GPU has been lent to this
+project so far.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_swap_invariants import SRC, TGT, _encode, _prompts, _swap, _trace, _windows
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def cuda_device(comfy):
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    if device.type != "cuda":
+        pytest.skip("needs ComfyUI on a CUDA device: PHOTOSWAP_DEVICE=cuda bash scripts/test.sh -m cuda")
+    return device
+
+
+def _tiny_in(dtype):
+    from devtools.tiny_models import build_tiny
+
+    ms = build_tiny("sd15", seed=0)
+    unet = ms.model.model.diffusion_model
+    unet.to(dtype)
+    unet.dtype = dtype
+    ms.model.model.manual_cast_dtype = None
+    assert ms.model.model.get_dtype() == dtype
+    return ms
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_identity_and_trace_equals_lockstep(cuda_device, dtype):
+    """fp16/bf16 UNet on the GPU: identical prompts give the source reconstruction exactly, and recorded-trace mode
+    equals lockstep (both run the same arithmetic per step)."""
+    ms = _tiny_in(dtype)
+    trace = _trace(ms, method="direct")
+    assert trace.store.location.type == "cuda"
+    same = _swap(ms, trace, _prompts(ms, same=True), _windows(0.8, 0.0, 0.6), target_text=SRC)
+    assert torch.isfinite(same[0]).all()
+    assert float((same[0] - same[1]).abs().max()) <= 1e-5 * max(1.0, float(same[1].abs().max()))
+    a = _swap(ms, trace, _prompts(ms), _windows(0.5, 0.3, 0.6))
+    b = _swap(ms, trace, _prompts(ms), _windows(0.5, 0.3, 0.6), lockstep=True)
+    assert float((a[0] - b[0]).abs().max()) <= 1e-5 * max(1.0, float(a[0].abs().max()))
+
+
+def test_offloaded_trace_equals_device_trace(cuda_device):
+    """storage 'cpu' keeps the trace in pinned host memory and streams it back per layer: the swap is bit-identical
+    to a trace kept on the GPU."""
+    ms = _tiny_in(torch.float16)
+    on_gpu = _trace(ms, method="direct")
+    on_gpu_out = _swap(ms, on_gpu, _prompts(ms), _windows(0.5, 0.3, 0.6))
+    from comfyui_photoswap.photoswap_core.inversion import InversionSettings, invert
+    from comfyui_photoswap.photoswap_core.schedule import build_schedule
+    from comfyui_photoswap.photoswap_core.swap_sampler import record_trace
+
+    src, neg = _encode(ms, SRC), _encode(ms, "")
+    schedule = build_schedule(ms.model.get_model_object("model_sampling"), on_gpu.steps)
+    x0 = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        inv = invert(ms.model, schedule, x0, src[0], neg[0], InversionSettings(method="direct", steps=on_gpu.steps))
+        offloaded = record_trace(ms.model, src, neg, schedule, 7.5, trajectory_vp=inv.trajectory,
+                                 null_embeddings=inv.null_embeddings, method="direct", fraction=1.0,
+                                 record_self_maps=True, storage="cpu")
+    assert offloaded.store.location.type == "cpu"
+    assert all(t.is_pinned() for t in offloaded.store.tensors.values())
+    out = _swap(ms, offloaded, _prompts(ms), _windows(0.5, 0.3, 0.6))
+    assert torch.equal(out[0], on_gpu_out[0]) and torch.equal(out[1], on_gpu_out[1])
+
+
+def test_no_host_device_sync_in_the_attention_patch(cuda_device, monkeypatch):
+    """Every call of the per-layer patch (self and cross attention, trace mode, all swaps active) runs under
+    torch.cuda.set_sync_debug_mode('error'): a .item(), a bool() of a tensor or a blocking copy there raises."""
+    from comfyui_photoswap.photoswap_core import attention_patch
+
+    ms = _tiny_in(torch.float16)
+    trace = _trace(ms, method="direct")
+    calls = {"n": 0}
+
+    def strict(fn):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return wrapped
+
+    monkeypatch.setattr(attention_patch.SwapRun, "self_attention", strict(attention_patch.SwapRun.self_attention))
+    monkeypatch.setattr(attention_patch.SwapRun, "cross_attention", strict(attention_patch.SwapRun.cross_attention))
+    out = _swap(ms, trace, _prompts(ms), _windows(0.5, 0.3, 0.6), target_text=TGT)
+    assert calls["n"] > 0 and torch.isfinite(out[0]).all()
+
+
+def test_null_text_on_a_half_precision_model_optimises_in_float32(cuda_device):
+    ms = _tiny_in(torch.float16)
+    trace = _trace(ms, method="null_text", steps=4)
+    assert trace.null_embeddings.dtype == torch.float32
+    assert torch.isfinite(trace.null_embeddings).all()
