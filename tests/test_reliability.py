@@ -671,7 +671,7 @@ class InterruptAfter:
 @pytest.mark.integration
 def test_cancel_mid_run_leaves_model_clean_and_next_run_equal(N, tiny_sd15):
     """Interrupt during recording, swap sampling (trace and lockstep) and inversion (direct and null-text, which
-    swaps the UNet for a functional copy while optimising): InterruptProcessingException propagates; afterwards the
+    replaces inference-tensor weights by equal normal tensors for autograd): InterruptProcessingException propagates; afterwards the
     MODEL is untouched (options, hooks, module, plain KSampler output bit-identical) and the next run equals an
     uninterrupted one."""
     import comfy.model_management as mm
