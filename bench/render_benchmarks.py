@@ -109,9 +109,9 @@ def render_benchmarks(results) -> str:
         "work) and the conditional prediction is computed once per step. The 6× target assumes the early stops that "
         "trained weights give; it can only be measured with a trained checkpoint.",
         "- **Lockstep** evaluates the source and the target rows in two UNet calls per step (each as big as the plain "
-        "pass's call), so its `ideal` is 2.0×; at the small CPU sizes used here a call costs about the same for 1 or 2 "
-        "rows (weight-bandwidth bound), and the per-call patch overhead is paid twice: a little over 2×. Use a "
-        "recorded trace (the default whenever it fits the memory budget) for the ≤ 1.15× path.",
+        "pass's call), so its `ideal` is 2.0× and it lands close to 2× (single runs on this shared machine have "
+        "given up to 2.4×; the fastest of repeated runs is below 2×). Use a recorded trace (the default whenever "
+        "it fits the memory budget) for the ≤ 1.15× path.",
         "- The `tiny` model is so small that Python overhead per layer dominates its timings (and they are noisy on "
         "a shared 2-core machine); the full-architecture `sd15` rows are the meaningful CPU figures.",
         "",
