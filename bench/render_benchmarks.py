@@ -42,8 +42,9 @@ def machine(meta: dict) -> str:
 
 
 def setting(meta: dict) -> str:
+    repeat = meta.get("repeat", 1)
     return (f"{meta['family']} {meta['size']}×{meta['size']} px, {meta['steps']} steps, "
-            f"null-text ≤ {meta['inner_iterations']} it/step")
+            f"null-text ≤ {meta['inner_iterations']} it/step" + (f", fastest of {repeat} runs" if repeat > 1 else ""))
 
 
 def ratio_cell(stage: dict | None) -> str:
