@@ -90,10 +90,10 @@ def _replace_inference_tensors(module: torch.nn.Module) -> None:
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is not None and param.is_inference():
-                sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                sub._parameters[name] = torch.nn.Parameter(_as_normal(param), requires_grad=False)
         for name, buf in list(sub._buffers.items()):
-            if buf is not None and buf.is_inference():
-                sub._buffers[name] = buf.clone()
+            if buf is not None:
+                sub._buffers[name] = _as_normal(buf)
 
 
 def _as_normal(t: torch.Tensor) -> torch.Tensor:
@@ -259,9 +259,9 @@ def latent_fingerprint(latent: torch.Tensor) -> str:
 def run_inversion(model, latent_samples, source_positive, negative, settings: InversionSettings,
                   progress=None) -> InversionResult:
     """Validate inputs and invert a LATENT (unscaled VAE latent, batch 1) into an InversionResult."""
-    from .model_adapter import inspect_model, single_conditioning
+    from .model_adapter import inspect_model
     from .schedule import build_schedule
-    from .swap_sampler import check_latent, check_prompt_width, weights_fingerprint
+    from .swap_sampler import check_latent, model_prompt, weights_fingerprint
 
     info = inspect_model(model)
     check_latent(latent_samples, "latent")
@@ -273,10 +273,8 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
                    "unconditional branch, which is skipped at cfg 1)", "use 7.5, or method 'direct'")
     if settings.method == "null_text" and settings.inner_iterations < 1:
         raise PhotoswapInputError("inner_iterations", "at least 1", "use 10 (the reference's value)")
-    src_entry = single_conditioning(source_positive, "source_positive")
-    neg_entry = single_conditioning(negative, "negative")
-    check_prompt_width(model, src_entry, "source_positive")
-    check_prompt_width(model, neg_entry, "negative")
+    src_entry = model_prompt(model, source_positive, "source_positive")
+    neg_entry = model_prompt(model, negative, "negative")
     schedule = build_schedule(model.get_model_object("model_sampling"), settings.steps)
     image_vp = latent_samples.float() * info.latent_scale
     out = invert(model, schedule, image_vp, src_entry, neg_entry, settings, progress)

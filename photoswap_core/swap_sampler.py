@@ -223,9 +223,12 @@ def check_latent(samples: torch.Tensor, input_name: str, downscale: int = 8):
                                   "check the image and the VAE (an fp16 VAE overflow gives NaN; try --fp32-vae)")
 
 
-def check_prompt_width(model, entry, input_name: str) -> None:
-    """A prompt embedding must have the width the model's cross-attention expects (the same family's CLIP); else the
-    UNet would fail with a raw shape error deep inside sampling."""
+def model_prompt(model, conditioning, input_name: str):
+    """The single CONDITIONING entry of `conditioning`, checked to have the width the model's cross-attention
+    expects (the same family's CLIP); else the UNet would fail with a raw shape error deep inside sampling."""
+    from .model_adapter import single_conditioning
+
+    entry = single_conditioning(conditioning, input_name)
     config = getattr(getattr(model, "model", None), "model_config", None)
     context_dim = getattr(config, "unet_config", {}).get("context_dim") if config is not None else None
     width = int(entry[0].shape[-1])
@@ -235,6 +238,7 @@ def check_prompt_width(model, entry, input_name: str) -> None:
                         f"{width})",
             "encode the prompts with the CLIP of the same checkpoint (or Concept Loader) as the MODEL: SD1.x prompts "
             "have 768 values per token, SD2.x 1024, SDXL 2048")
+    return entry
 
 
 def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_vp=None, start_latent_vp=None,
@@ -243,13 +247,9 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
     """Run the source pass and build a SourceTrace (real image: trajectory given; synthetic: start latent given)."""
     import comfy.model_management as mm
 
-    from .model_adapter import single_conditioning
-
     info = inspect_model(model)
-    src_entry = single_conditioning(source_positive, "source_positive")
-    neg_entry = single_conditioning(negative, "negative")
-    check_prompt_width(model, src_entry, "source_positive")
-    check_prompt_width(model, neg_entry, "negative")
+    src_entry = model_prompt(model, source_positive, "source_positive")
+    neg_entry = model_prompt(model, negative, "negative")
     shape = tuple((trajectory_vp[0] if trajectory_vp is not None else start_latent_vp).shape)
     evaluator = DirectEvaluator(model, shape)
     device = evaluator.device
@@ -313,16 +313,10 @@ def check_trace_matches(model, trace: SourceTrace, input_name="trace"):
 def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows, cfg, lockstep=False,
          callback=None, events=None):
     """The target pass. Returns (target VP latent, source VP latent, blend mask [1,1,H,W] or None, mode)."""
-    from .model_adapter import single_conditioning
-
     check_trace_matches(model, trace)
     info = trace.model_info
-    tgt_entry = single_conditioning(target_positive, "target_positive")
-    check_prompt_width(model, tgt_entry, "target_positive")
-    check_prompt_width(model, single_conditioning(negative, "negative"), "negative")
-    if tgt_entry[0].shape[-1] != trace.null_embeddings.shape[-1]:
-        raise PhotoswapInputError("target_positive", "a prompt encoded by this model's CLIP",
-                                  "encode the target prompt with the same CLIP as the source prompt")
+    model_prompt(model, target_positive, "target_positive")
+    model_prompt(model, negative, "negative")
     if trace.method == "null_text" and cfg == 1.0:
         raise PhotoswapInputError(
             "cfg", "cfg > 1 with a null-text inversion (its optimised null embeddings act only through the "

@@ -964,8 +964,8 @@ def test_server_cancel_during_null_text_optimisation(comfy_server):
     process holds no more memory than after the uninterrupted run.
 
     "The uninterrupted result" up to float noise, not bit for bit: on a multi-threaded CPU (and on CUDA) the
-    backward pass's reductions are not bitwise deterministic (measured: the context gradient of the SD1.5 UNet
-    differs between identical calls with 2 threads, is identical with 1), so two uninterrupted null-text runs differ
+    backward pass's reductions are not bitwise deterministic (devtools/backward_determinism.py: the context gradient of the
+    SD1.5 UNet differs between identical calls with 2 threads, is identical with 1), so two uninterrupted null-text runs differ
     by ~1e-4 after the chaotic random model amplifies it. The bit-exact cancel check is the in-process
     test_cancel_null_text_with_inference_weights."""
     server = comfy_server
