@@ -35,7 +35,10 @@ def _rel(a, b):
 # The shared random model is chaotic under CFG 7.5: perturbing z_T by 1e-6 moves its 50-step result by ~1.2 %
 # (measured at 16×16 latents). ComfyUI's UNet differs from diffusers' by ~1.5e-6, so end-to-end agreement is bounded
 # by that floor (measured: source 13 %, swapped 3.6 % relative L2 at 64×64). The issue's 1e-3 target is NOT met by
-# this test; the exact parts of the algorithm are pinned elsewhere (mapper, LocalBlend step, inversion, window rules).
+# this test; the exact parts of the algorithm are pinned elsewhere (mapper, LocalBlend step, inversion, window rules),
+# and the whole swap is checked to 1e-4 against a re-implementation of the official loop at 10 steps, where the model
+# is not chaotic (tests/test_swap_reference.py). The official arithmetic itself lands 13-15 % away from these latents
+# depending on the CPU thread count (devtools/parity_floor.py --official-threads 1,2).
 CHAOS_BOUND = 0.25
 
 
