@@ -33,7 +33,7 @@ class SwapSettings:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     # True: self-attention layers whose maps are neither edited nor stored (> 32^2 tokens) use SDPA, the same math
-    # without the 4096^2 maps (5x faster, for tests); False: explicit maps everywhere, as the official code computes
+    # without the 4096^2 maps (faster, for tests); False: explicit maps everywhere, as the official code computes
     fuse_unedited: bool = False
 
 

@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # append, never prepend: the pack's nodes/ must not shadow ComfyUI's nodes.py
-DEFAULT_PARITY = Path(__file__).resolve().parent.parent.parent / "shared" / "parity"
+DEFAULT_PARITY = REPO_ROOT.parent / "shared" / "parity"
 
 
 def ddim_cfg_loop(unet, x, timesteps, uncond_per_step, cond, final_alpha, cfg=7.5, step=20):
@@ -80,12 +79,11 @@ def main(argv=None) -> int:
           f"latent: rel L2 {rel_l2(ours, official):.3e}, max abs {float((ours - official).abs().max()):.3e}")
     print(f"the same loop from x_T + 1e-7·N(0,1) vs from x_T: rel L2 {rel_l2(perturbed, ours):.3e}")
     if args.official_threads:
-        official_arithmetic(unet, p, manifest, text, inv, swap, [int(n) for n in args.official_threads.split(",")])
-    torch.set_num_threads(args.threads)
+        official_arithmetic(unet, manifest, text, inv, swap, [int(n) for n in args.official_threads.split(",")])
     return 0
 
 
-def official_arithmetic(unet, p, manifest, text, inv, swap, thread_counts):
+def official_arithmetic(unet, manifest, text, inv, swap, thread_counts):
     """The whole official real-image swap computed as the official code computes it, once per thread count."""
     from devtools.official_reference import SwapSettings, official_swap
 

@@ -353,8 +353,8 @@ NT_STEPS, NT_ITERATIONS, NT_LR, NT_EPSILON = 6, 8, 0.1, 0.75
 @pytest.mark.unit
 def test_null_text_beats_ddim_and_follows_early_stop_rule(inv, comfy):
     """On the tiny SD1.x model (built under inference mode, so its weights are inference tensors as in the server and
-    the optimisation takes the path that swaps them for equal normal tensors): CFG-7.5 reconstruction from the optimised null embeddings is
-    ≥ 10× closer to the image latent than plain DDIM inversion's; each step's iteration count is the first iteration
+    the optimisation takes the path that swaps them for equal normal tensors): CFG-7.5 reconstruction from the
+    optimised null embeddings is ≥ 10× closer to the image latent than plain DDIM inversion's; each step's iteration count is the first iteration
     whose pre-update loss < ε + 2e-5·i·50/N, else the maximum."""
     from comfyui_photoswap.photoswap_core.model_adapter import single_conditioning
     from comfyui_photoswap.photoswap_core.schedule import build_schedule

@@ -671,8 +671,8 @@ class InterruptAfter:
 @pytest.mark.integration
 def test_cancel_mid_run_leaves_model_clean_and_next_run_equal(N, tiny_sd15):
     """Interrupt during recording, swap sampling (trace and lockstep) and inversion (direct and null-text, which
-    replaces inference-tensor weights by equal normal tensors for autograd): InterruptProcessingException propagates; afterwards the
-    MODEL is untouched (options, hooks, module, plain KSampler output bit-identical) and the next run equals an
+    replaces inference-tensor weights by equal normal tensors for autograd): InterruptProcessingException propagates;
+    afterwards the MODEL is untouched (options, hooks, module, plain KSampler output bit-identical) and the next run equals an
     uninterrupted one."""
     import comfy.model_management as mm
 
@@ -964,9 +964,9 @@ def test_server_cancel_during_null_text_optimisation(comfy_server):
     process holds no more memory than after the uninterrupted run.
 
     "The uninterrupted result" up to float noise, not bit for bit: on a multi-threaded CPU (and on CUDA) the
-    backward pass's reductions are not bitwise deterministic (devtools/backward_determinism.py: the context gradient of the
-    SD1.5 UNet differs between identical calls with 2 threads, is identical with 1), so two uninterrupted null-text runs differ
-    by ~1e-4 after the chaotic random model amplifies it. The bit-exact cancel check is the in-process
+    backward pass's reductions are not bitwise deterministic (devtools/backward_determinism.py: the context gradient
+    of the SD1.5 UNet differs between identical calls with 2 threads, is identical with 1), so two uninterrupted
+    null-text runs differ by ~1e-4 after the chaotic random model amplifies it. The bit-exact cancel check is the in-process
     test_cancel_null_text_with_inference_weights."""
     server = comfy_server
     if "PhotoswapNullTextInversion" not in server.object_info():

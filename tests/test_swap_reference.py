@@ -5,8 +5,9 @@ with 1 vs 2 threads, lands 13 % / 15 % away from the official latents (devtools/
 10 steps the same model is tame (a 1e-6 change of z_T moves the result ~7e-5), so there a bound tighter than the
 issue's 1e-3 is a real test of the semantics: devtools/official_reference.py runs diffusers' own UNet with the
 official four-row batch, explicit maps, in-place edits, attention store and LocalBlend, sharing no code with the
-pack; our Recorder and Swap Sampler nodes run ComfyUI's UNet with the fused forms. Both at 512 px (the reference's layer rules are literal there),
-from the shared synthetic start latent, with the shared prompt pair, mapper and blend words.
+pack; our Recorder and Swap Sampler nodes run ComfyUI's UNet with the fused forms. Both at 512 px (the reference's
+layer rules are literal there), from the shared synthetic start latent, with the shared prompt pair, mapper and blend
+words.
 """
 from __future__ import annotations
 
