@@ -53,13 +53,13 @@ class SwapRun:
     """
 
     def __init__(self, mode, steps, windows, source_store=None, source_blend_maps=None, prompts=None,
-                 null_embeddings=None, source_kwargs=None, uncond_kwargs=None, recorder=None):
+                 null_embeddings=None, source_kwargs=None, uncond_kwargs=None, recorder=None, device=None):
         assert mode in ("record", "target")
         self.mode = mode
         self.steps = steps
         self.windows = windows
         self.source_store = source_store  # AttentionStore with the source tensors (target mode)
-        self.source_blend_maps = source_blend_maps  # per step [tokens_b, 77] source maps (target mode)
+        self.source_blend_maps = source_blend_maps  # per step [tokens_b, 77] source maps on `device` (target mode)
         self.prompts = prompts
         self.null_embeddings = null_embeddings  # [N, 1, 77, C] on device
         self.source_kwargs = source_kwargs or {}  # {'c_crossattn': [1,77,C], 'y': [1,adm]} for the source cond row
@@ -70,10 +70,12 @@ class SwapRun:
         self.events = None  # tests may set a list to instrument which swaps fire: (step, kind, layer, half)
         self.begin_run()
         if prompts is not None:
-            self._mapper = prompts.mapper_tensor()
-            self._alphas = prompts.alphas_tensor()
-            self._src_cols = list(prompts.source_subject_positions)
-            self._tgt_cols = list(prompts.target_subject_positions)
+            # made on the compute device once, here: built or copied inside the patch, each would be a blocking
+            # host-to-device copy (a host-device synchronisation) at every layer call on a GPU
+            self._mapper = prompts.mapper_tensor(device)
+            self._alphas = prompts.alphas_tensor(device)
+            self._src_cols = torch.tensor(prompts.source_subject_positions, dtype=torch.int64, device=device)
+            self._tgt_cols = torch.tensor(prompts.target_subject_positions, dtype=torch.int64, device=device)
 
     def __deepcopy__(self, memo):  # ComfyUI 0.3.75 deep-copies model_options on clone(): share, don't duplicate
         return self
@@ -143,8 +145,8 @@ class SwapRun:
             q_s = self.source_store.get(("cq", i, layer), q.device).unsqueeze(0).to(q.dtype)
             k_s = self.source_store.get(("ck", layer), q.device).unsqueeze(0).to(q.dtype)
             s_maps = explicit_cross_maps(q_s, k_s, heads, precision)
-            alphas = self._alphas.to(maps.device, maps.dtype)
-            maps = s_maps[..., self._mapper.to(maps.device)] * alphas + maps * (1 - alphas)
+            alphas = self._alphas.to(maps.dtype)  # already on the device: a cast, no transfer
+            maps = s_maps[..., self._mapper] * alphas + maps * (1 - alphas)
         if self.mode == "target" and at_blend and w.local_blend:
             self._accumulate_blend(maps[..., self._tgt_cols].sum(-1).mean(1)[0].float(), grid)
         cond_out = maps_times_values(maps, v[ci:ci + 1], heads).to(q.dtype)
@@ -169,7 +171,7 @@ class SwapRun:
         """LocalBlend after a target step; returns (new target latent, mask or None)."""
         source_map = self.source_blend_maps[step] if self.windows.local_blend else None
         if source_map is not None:
-            cols = source_map[..., self._src_cols].sum(-1).to(x_target_k.device)
+            cols = source_map[..., self._src_cols].sum(-1)
             self.blend_source = cols if self.blend_source is None else self.blend_source + cols
         if not swap_rules.blend_active(step, self.steps, self.windows) or self.blend_target is None:
             return x_target_k, None

@@ -61,7 +61,7 @@ def photoswap_ddim(model, x, sigmas, extra_args=None, callback=None, disable=Non
             if traj is None:
                 # continue from exactly what the trace stores (VP float32, re-scaled by the swap): recorded tensors,
                 # source steps and trajectory then agree bit for bit, so trace mode ≡ lockstep and identity is exact
-                scale_next = math.sqrt(1.0 + float(sigma_next) ** 2)
+                scale_next = plan["scales"][i + 1]  # host floats: float(sigma_next) would read the device
                 x_vp = (x_next / scale_next).float()
                 x_next = x_vp * scale_next
                 plan.setdefault("generated_vp", []).append(x_vp.clone())
@@ -263,7 +263,7 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
     run = SwapRun("record", n, windows, null_embeddings=null_embeddings.to(device), recorder=recorder,
                   source_kwargs=evaluator.model_kwargs(src_entry),
                   uncond_kwargs=_y_only(evaluator.model_kwargs(neg_entry)))
-    plan = {"trajectory_k": None}
+    plan = {"trajectory_k": None, "scales": scales}
     if trajectory_vp is not None:
         plan["trajectory_k"] = [t.to(device, torch.float32) * scales[i] for i, t in enumerate(trajectory_vp)]
         start = plan["trajectory_k"][0]
@@ -288,6 +288,8 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
         store=recorder.store, self_maps_recorded=record_self_maps and recorder.store is not None,
         dropped_reason=recorder.dropped_reason,
         source_steps_k=[c.detach().cpu() for c in plan["source_steps_out"]] if needs_pass else None)
+    if recorder.store is not None and recorder.store.location != device:
+        recorder.store.wait_for_copies(device)
     mm.soft_empty_cache()
     return trace
 
@@ -344,11 +346,14 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
         source_store, source_blend_maps = step_recorder.store, step_recorder.blend_maps
     else:
         plan["source_steps"] = [c.to(device) for c in trace.source_steps_k]
-        source_store, source_blend_maps = trace.store, trace.blend_maps
+        source_store = trace.store
+        # on the device once here: the per-step LocalBlend reads them, and a host-to-device copy there would block
+        source_blend_maps = [m.to(device) if m is not None else None for m in trace.blend_maps]
     run = SwapRun("target", trace.steps, windows, source_store=source_store, source_blend_maps=source_blend_maps,
                   prompts=prompts, null_embeddings=trace.null_embeddings.to(device),
                   source_kwargs=evaluator.model_kwargs(trace.source_conditioning[0]),
-                  uncond_kwargs=_y_only(evaluator.model_kwargs(neg_entry)), recorder=plan.get("step_recorder"))
+                  uncond_kwargs=_y_only(evaluator.model_kwargs(neg_entry)), recorder=plan.get("step_recorder"),
+                  device=device)
     run.events = events
     start = plan["trajectory_k"][0]
     patched = patch_model(model, run)

@@ -24,9 +24,13 @@ class AttentionStore:
     def put(self, key, tensor: torch.Tensor) -> None:
         stored = tensor.detach()
         if stored.device != self.location:
-            stored = stored.to(self.location, non_blocking=False)
-            if self.location.type == "cpu" and tensor.device.type == "cuda":
-                stored = stored.pin_memory()
+            if self.location.type == "cpu" and stored.device.type == "cuda":
+                # into pinned memory without blocking the host (a blocking copy here would synchronise at every
+                # layer call); stream-ordered before any later use on the device, `wait_for_copies` before host use
+                pinned = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
+                stored = pinned.copy_(stored, non_blocking=True)
+            else:
+                stored = stored.to(self.location)
         elif stored.untyped_storage().nbytes() > stored.numel() * stored.element_size():
             stored = stored.clone()  # a view (one CFG half, one row): don't keep the whole batch tensor alive
         old = self.tensors.get(key)
@@ -41,6 +45,12 @@ class AttentionStore:
         except KeyError:
             raise KeyError(f"the trace holds no recorded tensor for {key}") from None
         return tensor.to(device, non_blocking=True) if tensor.device != device else tensor
+
+    @staticmethod
+    def wait_for_copies(device: torch.device) -> None:
+        """Block until the non-blocking device-to-host copies of `put` have landed (once, after a recording)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def has(self, key) -> bool:
         return key in self.tensors

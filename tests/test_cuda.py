@@ -1,5 +1,6 @@
 """CUDA-only behaviour (issue: performance / GPU): half-precision models, a trace kept on the GPU vs offloaded to
-pinned CPU memory, and no host-device synchronisation inside the per-layer attention patch.
+pinned CPU memory, and no host-device synchronisation inside the per-layer attention patch (tests/test_hot_path.py
+checks the patterns visible on every device).
 
 Run on a CUDA machine with ComfyUI on the GPU:  PHOTOSWAP_DEVICE=cuda bash scripts/test.sh -m cuda
 Everywhere else (CI, CPU machines) every test here is skipped, saying why. Not yet run: no GPU has been lent to this
@@ -76,13 +77,15 @@ def test_offloaded_trace_equals_device_trace(cuda_device):
     assert torch.equal(out[0], on_gpu_out[0]) and torch.equal(out[1], on_gpu_out[1])
 
 
-def test_no_host_device_sync_in_the_attention_patch(cuda_device, monkeypatch):
-    """Every call of the per-layer patch (self and cross attention, trace mode, all swaps active) runs under
-    torch.cuda.set_sync_debug_mode('error'): a .item(), a bool() of a tensor or a blocking copy there raises."""
-    from comfyui_photoswap.photoswap_core import attention_patch
+@pytest.mark.parametrize("case", ["trace", "lockstep", "offloaded_recording"])
+def test_no_host_device_sync_in_the_attention_patch(cuda_device, monkeypatch, case):
+    """Every call of the per-layer patch and the trace recorder (self and cross attention, all swaps and LocalBlend
+    active) and of the per-step rules runs under torch.cuda.set_sync_debug_mode('error'): a .item(), a bool() of a
+    tensor or a blocking copy there raises. Cases: recording on the GPU then swapping with the trace; lockstep;
+    recording offloaded to pinned host memory (non-blocking copies) then swapping from it."""
+    from comfyui_photoswap.photoswap_core import attention_patch, swap_sampler
 
     ms = _tiny_in(torch.float16)
-    trace = _trace(ms, method="direct")
     calls = {"n": 0}
 
     def strict(fn):
@@ -95,10 +98,28 @@ def test_no_host_device_sync_in_the_attention_patch(cuda_device, monkeypatch):
                 torch.cuda.set_sync_debug_mode(0)
         return wrapped
 
-    monkeypatch.setattr(attention_patch.SwapRun, "self_attention", strict(attention_patch.SwapRun.self_attention))
-    monkeypatch.setattr(attention_patch.SwapRun, "cross_attention", strict(attention_patch.SwapRun.cross_attention))
-    out = _swap(ms, trace, _prompts(ms), _windows(0.5, 0.3, 0.6), target_text=TGT)
-    assert calls["n"] > 0 and torch.isfinite(out[0]).all()
+    for name in ("self_attention", "cross_attention", "end_step"):
+        monkeypatch.setattr(attention_patch.SwapRun, name, strict(getattr(attention_patch.SwapRun, name)))
+    for name in ("record_self", "record_cross"):
+        monkeypatch.setattr(swap_sampler.TraceRecorder, name, strict(getattr(swap_sampler.TraceRecorder, name)))
+    if case == "offloaded_recording":
+        from comfyui_photoswap.photoswap_core.inversion import InversionSettings, invert
+        from comfyui_photoswap.photoswap_core.schedule import build_schedule
+
+        src, neg = _encode(ms, SRC), _encode(ms, "")
+        schedule = build_schedule(ms.model.get_model_object("model_sampling"), 8)
+        x0 = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            inv = invert(ms.model, schedule, x0, src[0], neg[0], InversionSettings(method="direct", steps=8))
+            trace = swap_sampler.record_trace(ms.model, src, neg, schedule, 7.5, trajectory_vp=inv.trajectory,
+                                              null_embeddings=inv.null_embeddings, method="direct", fraction=1.0,
+                                              record_self_maps=True, storage="cpu")
+        assert trace.store.location.type == "cpu"
+    else:
+        trace = _trace(ms, method="direct")
+    out = _swap(ms, trace, _prompts(ms), _windows(0.5, 0.3, 0.6, blend_start=0.0), target_text=TGT,
+                lockstep=case == "lockstep")
+    assert calls["n"] > 0 and torch.isfinite(out[0]).all() and out[2] is not None
 
 
 def test_null_text_on_a_half_precision_model_optimises_in_float32(cuda_device):
