@@ -97,7 +97,8 @@ def render_benchmarks(results) -> str:
         "",
         "GPU: no GPU has been lent to this project yet, so there are no CUDA rows. The runs to make when one is: "
         "`bash bench/run_gpu.sh` (SD1.5 512 px in fp16 and bf16, SDXL 1024 px, CUDA sync counts; "
-        "then re-renders this file).",
+        "then re-renders this file); on the workplace's offline GPU machines after `bash scripts/device_bundle.sh` "
+        "here and `source scripts/device_env.sh` there ([bench/README.md](bench/README.md)).",
         "",
         "## Reading the numbers",
         "",

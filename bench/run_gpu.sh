@@ -7,17 +7,32 @@
 #    in bf16, and at SDXL 1024 px; each writes bench/results/<family>-<size>-cuda[...].json;
 # 3. BENCHMARKS.md and the README's Performance block re-rendered from all results.
 # Commit bench/results/*.json, BENCHMARKS.md and README.md afterwards. Extra arguments go to every run_bench.py call.
+# PHOTOSWAP_GPU_RUNS picks runs (default "sd15 sd15-bf16 sdxl"; split them over calls where one call's time is short).
+# On the workplace's lent GPU machine (no registries): `source scripts/device_env.sh` first (bench/README.md); it sets
+# PHOTOSWAP_PYTHON, and then no venv is made.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PHOTOSWAP_VENV:-$ROOT/.venv}"
+RUNS="${PHOTOSWAP_GPU_RUNS:-sd15 sd15-bf16 sdxl}"
 cd "$ROOT"
 
-bash scripts/setup_env.sh >/dev/null
-"$VENV/bin/python" scripts/make_checkpoints.py --sdxl >/dev/null
-"$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')"
+if [ -n "${PHOTOSWAP_PYTHON:-}" ]; then
+  PY="$PHOTOSWAP_PYTHON"
+else
+  bash scripts/setup_env.sh >/dev/null
+  PY="$VENV/bin/python"
+fi
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')"
+case " $RUNS " in *" sdxl "*) "$PY" scripts/make_checkpoints.py --sdxl >/dev/null ;;
+                  *) "$PY" scripts/make_checkpoints.py >/dev/null ;; esac
 
-run() { "$VENV/bin/python" bench/run_bench.py --device cuda --steps 50 "$@"; }
-run --family sd15 --size 512 --sync-debug "$@"
-run --family sd15 --size 512 --dtype bf16 --json bench/results/sd15-512-cuda-bf16.json "$@"
-run --family sdxl --size 1024 "$@"
-"$VENV/bin/python" bench/render_benchmarks.py
+run() { "$PY" bench/run_bench.py --device cuda --steps 50 "$@"; }
+for name in $RUNS; do
+  case "$name" in
+    sd15) run --family sd15 --size 512 --sync-debug "$@" ;;
+    sd15-bf16) run --family sd15 --size 512 --dtype bf16 --json bench/results/sd15-512-cuda-bf16.json "$@" ;;
+    sdxl) run --family sdxl --size 1024 "$@" ;;
+    *) echo "run_gpu: unknown run '$name' in PHOTOSWAP_GPU_RUNS (sd15, sd15-bf16, sdxl)" >&2; exit 2 ;;
+  esac
+done
+"$PY" bench/render_benchmarks.py

@@ -7,11 +7,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PHOTOSWAP_VENV:-$ROOT/.venv}"
 cd "$ROOT"
 
-bash scripts/setup_env.sh >/dev/null
-"$VENV/bin/python" scripts/make_checkpoints.py >/dev/null
+if [ -n "${PHOTOSWAP_PYTHON:-}" ]; then
+  PY="$PHOTOSWAP_PYTHON"  # an interpreter prepared elsewhere (the lent GPU machine: scripts/device_env.sh)
+else
+  bash scripts/setup_env.sh >/dev/null
+  PY="$VENV/bin/python"
+fi
+"$PY" scripts/make_checkpoints.py >/dev/null
 
 set +e
-"$VENV/bin/python" -m pytest -m "not slow" "$@"
+"$PY" -m pytest -m "not slow" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -39,6 +39,35 @@ def _load_script(name):
 
 # ------------------------------------------------------------------------------------------------------- unit
 
+def _pins(path):
+    pins = {}
+    for line in (REPO_ROOT / path).read_text().splitlines():
+        if "==" in line and not line.lstrip().startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+@pytest.mark.unit
+def test_device_bundle_pins_are_the_dev_stack_pins():
+    """The wheels carried to the offline GPU machine are the versions the test stack runs here."""
+    device, dev = _pins("requirements/device.txt"), _pins("requirements/dev.txt")
+    assert device and "torch" not in device and "torchvision" not in device
+    assert {name: dev.get(name) for name in device} == device
+
+
+@pytest.mark.unit
+def test_device_env_without_bundle_or_for_another_python_says_what_to_do(tmp_path):
+    """scripts/device_env.sh stops (exit 2) naming the fix when .device is missing or built for another Python."""
+    script = REPO_ROOT / "scripts" / "device_env.sh"
+    missing = subprocess.run(["bash", "-c", f"source {script}"], cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode == 2 and "scripts/device_bundle.sh" in missing.stderr
+    (tmp_path / ".device" / "wheels").mkdir(parents=True)
+    (tmp_path / ".device" / "python-version").write_text("2.7\n")
+    other = subprocess.run(["bash", "-c", f"source {script}"], cwd=tmp_path, capture_output=True, text=True)
+    assert other.returncode == 2 and "Python 2.7" in other.stderr
+
+
 @pytest.mark.unit
 def test_comfyui_path_not_a_comfyui_gives_clear_message(tmp_path):
     (tmp_path / "main.py").write_text("# not ComfyUI\n")
