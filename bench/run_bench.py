@@ -358,6 +358,12 @@ def run_pipeline(bench: Bench, suite: Suite, method: str, prefix: str) -> dict:
     return info
 
 
+def null_text_at_cap(bench: Bench, suite: Suite, cap: int, steps: int) -> list:
+    """The null_text inversion alone with at most `cap` inner iterations per step; returns the iterations run."""
+    inv, _ = bench.run(f"inversion_null_text_cap{cap}", lambda: suite.invert("null_text", steps, inner=cap))
+    return list(inv.inner_iterations)
+
+
 def ideal_ratio(stage: dict, unit: dict) -> float | None:
     """UNet work of the stage relative to the unit, counting a row with autograd as 3 (forward + backward ≈ 2×)."""
     if not unit.get("unet_rows"):
@@ -453,6 +459,10 @@ def run_suite(args) -> dict:
                 info = guarded(bench.results, names, lambda m=method, p=prefix: run_pipeline(bench, suite, m, p))
                 if info is not None:
                     details[method] = info
+            for cap in args.null_text_caps:
+                caps = details.setdefault("null_text_caps", {})
+                guarded(bench.results, [f"inversion_null_text_cap{cap}"],
+                        lambda k=cap: caps.__setitem__(str(k), null_text_at_cap(bench, suite, k, args.steps)))
         if args.profile:  # separate, untimed runs: cProfile slows Python-heavy code down
             profile_stages(Profiler(args.profile), suite, args.steps)
         sync_debug = None
@@ -576,7 +586,8 @@ def format_table(result: dict) -> str:
         f"{'stage':<40} {'seconds':>9} {'ratio':>7} {'target':>10} {'ideal':>6} {'UNet rows':>9} "
         f"{'peak mem':>10} {'+ over start':>12}",
     ]
-    for name, label in STAGE_ORDER:
+    caps = sorted((int(name.rsplit("cap", 1)[1]), name) for name in stages if name.startswith("inversion_null_text_cap"))
+    for name, label in STAGE_ORDER + [(name, f"inversion null_text, ≤ {k} it/step") for k, name in caps]:
         s = stages.get(name)
         if s is None:
             continue
@@ -598,6 +609,8 @@ def format_table(result: dict) -> str:
         its = nt["null_text_inner_iterations"]
         lines.append(f"null_text: {sum(its)} inner iterations over {len(its)} steps (≤ {meta['inner_iterations']} "
                      "each, early stop as in the reference)")
+    for cap, its in sorted((result["pipelines"].get("null_text_caps") or {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"null_text ≤ {cap} it/step: {sum(its)} inner iterations over {len(its)} steps")
     for name, sd in (result.get("cuda_sync_debug") or {}).items():
         top = ", ".join(f"{site.rsplit('/', 1)[-1]} ×{n}" for site, n in list(sd["sites"].items())[:4])
         lines.append(f"CUDA syncs in {name}: {sd['syncs']} ({sd['per_step']:.1f}/step){': ' + top if top else ''}")
@@ -634,6 +647,9 @@ def parse_args(argv=None):
                    help="run the whole suite R times in the process and keep each stage's fastest run (all times "
                         "are kept in the JSON as 'samples'); for noisy, shared machines")
     p.add_argument("--skip-null-text", action="store_true", help="leave out the null_text inversion and e2e rows")
+    p.add_argument("--null-text-caps", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
+                   metavar="K,K,...", help="also time the null_text inversion alone at these inner-iteration caps "
+                                           "(rows inversion_null_text_capK): its cost per iteration, same unit")
     p.add_argument("--profile", metavar="DIR", help="also cProfile plain, swap_trace and swap_lockstep into DIR "
                                                     "(separate runs, not the timed ones)")
     p.add_argument("--sync-debug", action="store_true",

@@ -29,7 +29,7 @@ case " $RUNS " in *" sdxl "*) "$PY" scripts/make_checkpoints.py --sdxl >/dev/nul
 run() { "$PY" bench/run_bench.py --device cuda --steps 50 "$@"; }
 for name in $RUNS; do
   case "$name" in
-    sd15) run --family sd15 --size 512 --sync-debug "$@" ;;
+    sd15) run --family sd15 --size 512 --sync-debug --null-text-caps 1,2,5 "$@" ;;
     sd15-bf16) run --family sd15 --size 512 --dtype bf16 --json bench/results/sd15-512-cuda-bf16.json "$@" ;;
     sdxl) run --family sdxl --size 1024 "$@" ;;
     *) echo "run_gpu: unknown run '$name' in PHOTOSWAP_GPU_RUNS (sd15, sd15-bf16, sdxl)" >&2; exit 2 ;;
