@@ -15,6 +15,7 @@ import torch
 
 from . import swap_rules
 from .blend import apply_blend, blend_mask
+from .trace import step_of
 
 PATCH_KEY = "photoswap"
 
@@ -100,6 +101,27 @@ class SwapRun:
     def _log(self, kind, layer, half):
         if self.events is not None:
             self.events.append((self.step, kind, layer, half))
+
+    # ---- prefetch of an offloaded trace -------------------------------------------------------------------------
+    def keys_read_at(self, step: int) -> list:
+        """The recorded keys the target patches read at `step`, by the same window rules as the reads below."""
+        n, w, store = self.steps, self.windows, self.source_store
+        kinds = set()
+        if swap_rules.output_swap_active(step, n, w):
+            kinds.add("out")
+        elif swap_rules.map_swap_active(step, n, w):
+            kinds.update(("q", "k"))
+        if swap_rules.cross_swap_active(step, n, w):
+            kinds.update(("cq", "ck"))
+        return [key for key in store.tensors if key[0] in kinds and step_of(key) in (step, None)]
+
+    def prefetch(self, step: int, device) -> None:
+        """At the start of `step`: stage its keys (if not yet) and the next step's, so the next step's copies overlap
+        this step's compute (target mode with an offloaded trace on CUDA; elsewhere `stage` does nothing)."""
+        if self.mode != "target" or self.source_store is None or not self.source_store.staged_on(device):
+            return
+        keys = self.keys_read_at(step) + (self.keys_read_at(step + 1) if step + 1 < self.steps else [])
+        self.source_store.stage(keys, device)
 
     # ---- self-attention -----------------------------------------------------------------------------------------
     def self_attention(self, layer, q, k, v, extra, prior):

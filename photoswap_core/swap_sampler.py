@@ -68,6 +68,7 @@ def photoswap_ddim(model, x, sigmas, extra_args=None, callback=None, disable=Non
             else:
                 x_next = traj[i + 1].clone()
         else:
+            run.prefetch(i, x.device)
             if step_recorder is not None:
                 step_recorder.begin_step()
                 run.mode = "record"
@@ -357,8 +358,12 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
     run.events = events
     start = plan["trajectory_k"][0]
     patched = patch_model(model, run)
-    out = _sample(patched, run, plan, start.cpu() / info.latent_scale, trace.schedule.sigmas, target_positive,
-                  negative, cfg, callback)
+    try:
+        out = _sample(patched, run, plan, start.cpu() / info.latent_scale, trace.schedule.sigmas, target_positive,
+                      negative, cfg, callback)
+    finally:
+        if source_store is not None:
+            source_store.release_staged()
     final_scale = scales[-1]
     target = out[-1:] / final_scale
     # the same arithmetic as the target row's path (k-space → LATENT → VP), so equal rows give equal outputs

@@ -13,13 +13,24 @@ from dataclasses import dataclass, field
 import torch
 
 
+def step_of(key: tuple) -> int | None:
+    """Keys are (kind, step, layer[, cfg half]), except the step-independent cross-attention keys ("ck", layer)."""
+    return None if key[0] == "ck" else key[1]
+
+
 class AttentionStore:
-    """Recorded source attention tensors, on the compute device or offloaded to CPU (pinned on CUDA)."""
+    """Recorded source attention tensors, on the compute device or offloaded to CPU (pinned on CUDA).
+
+    An offloaded store is read on a CUDA device through `stage`: the next step's tensors are copied on a side stream
+    while the current step computes (prefetch), and `get` hands them over without a copy on the compute stream.
+    """
 
     def __init__(self, location: torch.device):
         self.location = location
         self.tensors: dict = {}
         self.nbytes = 0
+        self._staged: dict = {}  # key -> (tensor on the compute device, event of its copy)
+        self._copy_stream = None
 
     def put(self, key, tensor: torch.Tensor) -> None:
         stored = tensor.detach()
@@ -40,11 +51,50 @@ class AttentionStore:
         self.nbytes += stored.numel() * stored.element_size()
 
     def get(self, key, device) -> torch.Tensor:
+        staged = self._staged.get(key)
+        if staged is not None:
+            tensor, event = staged
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(event)  # device-side wait for the side stream's copy; the host does not block
+            tensor.record_stream(stream)  # the allocator must not reuse it before the compute stream is done
+            if step_of(key) is not None:
+                del self._staged[key]
+            return tensor
         try:
             tensor = self.tensors[key]
         except KeyError:
             raise KeyError(f"the trace holds no recorded tensor for {key}") from None
         return tensor.to(device, non_blocking=True) if tensor.device != device else tensor
+
+    def staged_on(self, device: torch.device) -> bool:
+        """Whether reads on `device` go through `stage`: a store offloaded to (pinned) host memory, read on CUDA."""
+        return self.location.type == "cpu" and device.type == "cuda"
+
+    def stage(self, keys, device: torch.device) -> None:
+        """Start copying `keys` to `device` on a side stream (an offloaded store read on CUDA; elsewhere nothing to
+        do), dropping staged tensors of earlier steps that were not read (windows narrower than the recording)."""
+        if not self.staged_on(device):
+            return
+        steps = [step_of(key) for key in keys if step_of(key) is not None]
+        if steps:
+            first = min(steps)
+            for key in [k for k in self._staged if step_of(k) is not None and step_of(k) < first]:
+                del self._staged[key]
+        keys = [key for key in keys if key not in self._staged and key in self.tensors]
+        if not keys:
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._copy_stream):
+            copies = [(key, self.tensors[key].to(device, non_blocking=True)) for key in keys]
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        for key, tensor in copies:
+            self._staged[key] = (tensor, event)
+
+    def release_staged(self) -> None:
+        """Free what `stage` put on the device (at the end of a swap: the store may stay cached between runs)."""
+        self._staged.clear()
 
     @staticmethod
     def wait_for_copies(device: torch.device) -> None:

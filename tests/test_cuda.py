@@ -53,9 +53,21 @@ def test_half_precision_identity_and_trace_equals_lockstep(cuda_device, dtype):
     assert float((a[0] - b[0]).abs().max()) <= 1e-5 * max(1.0, float(a[0].abs().max()))
 
 
-def test_offloaded_trace_equals_device_trace(cuda_device):
-    """storage 'cpu' keeps the trace in pinned host memory and streams it back per layer: the swap is bit-identical
-    to a trace kept on the GPU."""
+def test_offloaded_trace_equals_device_trace(cuda_device, monkeypatch):
+    """storage 'cpu' keeps the trace in pinned host memory and prefetches each next step's tensors on a side stream:
+    the swap is bit-identical to a trace kept on the GPU, the prefetch did run, and nothing stays staged on the GPU
+    afterwards."""
+    from comfyui_photoswap.photoswap_core.trace import AttentionStore
+
+    staged_keys = []
+    original_stage = AttentionStore.stage
+
+    def stage(self, keys, device):
+        if self.staged_on(device):
+            staged_keys.extend(keys)
+        return original_stage(self, keys, device)
+
+    monkeypatch.setattr(AttentionStore, "stage", stage)
     ms = _tiny_in(torch.float16)
     on_gpu = _trace(ms, method="direct")
     on_gpu_out = _swap(ms, on_gpu, _prompts(ms), _windows(0.5, 0.3, 0.6))
@@ -75,6 +87,7 @@ def test_offloaded_trace_equals_device_trace(cuda_device):
     assert all(t.is_pinned() for t in offloaded.store.tensors.values())
     out = _swap(ms, offloaded, _prompts(ms), _windows(0.5, 0.3, 0.6))
     assert torch.equal(out[0], on_gpu_out[0]) and torch.equal(out[1], on_gpu_out[1])
+    assert staged_keys and offloaded.store._staged == {}
 
 
 @pytest.mark.parametrize("case", ["trace", "lockstep", "offloaded_recording"])

@@ -96,3 +96,34 @@ def test_no_host_device_sync_in_the_patch_and_the_step_rules(tiny_sd15, watched,
     for name in ("self_attention", "cross_attention", "end_step", "rewrite_inputs", "record_self", "record_cross"):
         assert calls.get(name, 0) > 0, f"{name} never ran: the test would prove nothing"
     assert found == [], found
+
+
+@pytest.mark.parametrize("windows", [(0.5, 0.3, 0.6), (0.8, 0.0, 0.6), (0.2, 0.5, 0.9), (0.0, 0.0, 0.0)])
+def test_prefetch_plan_is_exactly_what_the_patch_reads(tiny_sd15, monkeypatch, windows):
+    """A trace offloaded to host memory is copied to a CUDA device a step ahead, per `SwapRun.keys_read_at`. That plan
+    must name exactly the keys the patch reads at each step: a key missed would be copied on the compute stream when
+    read, a key too many would waste bandwidth and device memory. Checked here on a recorded-trace swap by comparing
+    the plan with every `AttentionStore.get` per step (the staging itself needs CUDA: tests/test_cuda.py)."""
+    from comfyui_photoswap.photoswap_core.attention_patch import SwapRun
+    from comfyui_photoswap.photoswap_core.trace import AttentionStore
+
+    plans, reads, current = {}, {}, {}
+    original_prefetch, original_get = SwapRun.prefetch, AttentionStore.get
+
+    def prefetch(self, step, device):
+        plans[step] = set(self.keys_read_at(step))
+        current["step"] = step
+        return original_prefetch(self, step, device)
+
+    def get(self, key, device):
+        reads.setdefault(current["step"], set()).add(key)
+        return original_get(self, key, device)
+
+    monkeypatch.setattr(SwapRun, "prefetch", prefetch)
+    monkeypatch.setattr(AttentionStore, "get", get)
+    trace = _trace(tiny_sd15, method="direct")
+    _swap(tiny_sd15, trace, _prompts(tiny_sd15), _windows(*windows))
+    assert sorted(plans) == list(range(trace.steps))
+    for step in range(trace.steps):
+        assert reads.get(step, set()) == plans[step], f"step {step}"
+    assert any(plans.values()) == (windows != (0.0, 0.0, 0.0))
