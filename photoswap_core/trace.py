@@ -83,7 +83,7 @@ class AttentionStore:
         keys = [key for key in keys if key not in self._staged and key in self.tensors]
         if not keys:
             return
-        if self._copy_stream is None:
+        if self._copy_stream is None or self._copy_stream.device != device:
             self._copy_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._copy_stream):
             copies = [(key, self.tensors[key].to(device, non_blocking=True)) for key in keys]
