@@ -460,9 +460,10 @@ def run_suite(args) -> dict:
                 if info is not None:
                     details[method] = info
             for cap in args.null_text_caps:
-                caps = details.setdefault("null_text_caps", {})
-                guarded(bench.results, [f"inversion_null_text_cap{cap}"],
-                        lambda k=cap: caps.__setitem__(str(k), null_text_at_cap(bench, suite, k, args.steps)))
+                iterations = guarded(bench.results, [f"inversion_null_text_cap{cap}"],
+                                     lambda k=cap: null_text_at_cap(bench, suite, k, args.steps))
+                if iterations is not None:
+                    details.setdefault("null_text_caps", {})[str(cap)] = iterations
         if args.profile:  # separate, untimed runs: cProfile slows Python-heavy code down
             profile_stages(Profiler(args.profile), suite, args.steps)
         sync_debug = None

@@ -12,16 +12,10 @@
 # PHOTOSWAP_PYTHON, and then no venv is made.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PHOTOSWAP_VENV:-$ROOT/.venv}"
 RUNS="${PHOTOSWAP_GPU_RUNS:-sd15 sd15-bf16 sdxl}"
 cd "$ROOT"
 
-if [ -n "${PHOTOSWAP_PYTHON:-}" ]; then
-  PY="$PHOTOSWAP_PYTHON"
-else
-  bash scripts/setup_env.sh >/dev/null
-  PY="$VENV/bin/python"
-fi
+PY="$(bash scripts/dev_python.sh)"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')"
 case " $RUNS " in *" sdxl "*) "$PY" scripts/make_checkpoints.py --sdxl >/dev/null ;;
                   *) "$PY" scripts/make_checkpoints.py >/dev/null ;; esac

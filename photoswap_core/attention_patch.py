@@ -118,7 +118,7 @@ class SwapRun:
     def prefetch(self, step: int, device) -> None:
         """At the start of `step`: stage its keys (if not yet) and the next step's, so the next step's copies overlap
         this step's compute (target mode with an offloaded trace on CUDA; elsewhere `stage` does nothing)."""
-        if self.mode != "target" or self.source_store is None or not self.source_store.staged_on(device):
+        if self.mode != "target" or self.source_store is None or not self.source_store.host_store_for(device):
             return
         keys = self.keys_read_at(step) + (self.keys_read_at(step + 1) if step + 1 < self.steps else [])
         self.source_store.stage(keys, device)

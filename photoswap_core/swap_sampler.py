@@ -289,7 +289,7 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
         store=recorder.store, self_maps_recorded=record_self_maps and recorder.store is not None,
         dropped_reason=recorder.dropped_reason,
         source_steps_k=[c.detach().cpu() for c in plan["source_steps_out"]] if needs_pass else None)
-    if recorder.store is not None and recorder.store.location != device:
+    if recorder.store is not None:
         recorder.store.wait_for_copies(device)
     mm.soft_empty_cache()
     return trace

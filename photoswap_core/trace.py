@@ -35,7 +35,7 @@ class AttentionStore:
     def put(self, key, tensor: torch.Tensor) -> None:
         stored = tensor.detach()
         if stored.device != self.location:
-            if self.location.type == "cpu" and stored.device.type == "cuda":
+            if self.host_store_for(stored.device):
                 # into pinned memory without blocking the host (a blocking copy here would synchronise at every
                 # layer call); stream-ordered before any later use on the device, `wait_for_copies` before host use
                 pinned = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
@@ -66,14 +66,15 @@ class AttentionStore:
             raise KeyError(f"the trace holds no recorded tensor for {key}") from None
         return tensor.to(device, non_blocking=True) if tensor.device != device else tensor
 
-    def staged_on(self, device: torch.device) -> bool:
-        """Whether reads on `device` go through `stage`: a store offloaded to (pinned) host memory, read on CUDA."""
+    def host_store_for(self, device: torch.device) -> bool:
+        """A store in (pinned) host memory serving a CUDA device: written with non-blocking copies (`put`, then
+        `wait_for_copies`), read through `stage`."""
         return self.location.type == "cpu" and device.type == "cuda"
 
     def stage(self, keys, device: torch.device) -> None:
         """Start copying `keys` to `device` on a side stream (an offloaded store read on CUDA; elsewhere nothing to
         do), dropping staged tensors of earlier steps that were not read (windows narrower than the recording)."""
-        if not self.staged_on(device):
+        if not self.host_store_for(device):
             return
         steps = [step_of(key) for key in keys if step_of(key) is not None]
         if steps:
@@ -96,10 +97,9 @@ class AttentionStore:
         """Free what `stage` put on the device (at the end of a swap: the store may stay cached between runs)."""
         self._staged.clear()
 
-    @staticmethod
-    def wait_for_copies(device: torch.device) -> None:
+    def wait_for_copies(self, device: torch.device) -> None:
         """Block until the non-blocking device-to-host copies of `put` have landed (once, after a recording)."""
-        if device.type == "cuda":
+        if self.host_store_for(device):
             torch.cuda.synchronize(device)
 
     def has(self, key) -> bool:

@@ -4,15 +4,9 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow` or `bash scripts/test.sh -k foundation`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PHOTOSWAP_VENV:-$ROOT/.venv}"
 cd "$ROOT"
 
-if [ -n "${PHOTOSWAP_PYTHON:-}" ]; then
-  PY="$PHOTOSWAP_PYTHON"  # an interpreter prepared elsewhere (the lent GPU machine: scripts/device_env.sh)
-else
-  bash scripts/setup_env.sh >/dev/null
-  PY="$VENV/bin/python"
-fi
+PY="$(bash scripts/dev_python.sh)"
 "$PY" scripts/make_checkpoints.py >/dev/null
 
 set +e

@@ -63,7 +63,7 @@ def test_offloaded_trace_equals_device_trace(cuda_device, monkeypatch):
     original_stage = AttentionStore.stage
 
     def stage(self, keys, device):
-        if self.staged_on(device):
+        if self.host_store_for(device):
             staged_keys.extend(keys)
         return original_stage(self, keys, device)
 
