@@ -745,6 +745,48 @@ def test_fingerprint_changes_with_file(Node, dirs, tmp_path):
     assert Node.fingerprint_inputs(source="lora", lora_name="fp.safetensors") != first
 
 
+def _concept_digest(loaded):
+    """What a concept source produces, for the regression digests: the concept (file names only: temp folders vary),
+    sums of a sample of the patched diffusion weights, the target prompt's encoding and the VAE's first weights."""
+    model, clip, vae, concept = loaded
+    fields = {k: (os.path.basename(v) if k == "source" else v) for k, v in concept.__dict__.items() if k != "report"}
+    out = {"concept": fields, "report_lines": len(concept.report.splitlines())}
+    if model is not None:
+        keys = ["conv_in.weight", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight", "conv_out.bias"]
+        out["unet"] = patched(model, lambda: {k: unet_weight(model, k) for k in keys})
+    if clip is not None:
+        out["encoded"] = clip.encode_from_tokens(clip.tokenize(f"a photo of a {concept.words}"))
+    if vae is not None:
+        out["vae"] = vae.get_sd()["encoder.conv_in.weight"]
+    return out
+
+
+def test_every_source_output_is_unchanged(Node, dirs, base, added, checkpoint):
+    """Behaviour pin for refactors (see tests/test_regression_digests.py): each concept source's outputs."""
+    import safetensors.torch
+    from test_regression_digests import check_digests
+
+    model, clip, _vae, _concept = base
+    write_lora(os.path.join(dirs["loras"], "pin_kohya.safetensors"), "kohya", SD15_LORA_UNET, SD15_LORA_TEXT, 4, 2.0)
+    vectors = torch.randn((2, 768), generator=torch.Generator().manual_seed(9))
+    safetensors.torch.save_file({"emb_params": vectors}, os.path.join(dirs["embeddings"], "pin_cat.safetensors"))
+    refresh("loras")
+    refresh("embeddings")
+    outputs = {"diffusers": _concept_digest(base)}
+    outputs["diffusers_added"] = _concept_digest(run_node(Node, source="diffusers folder", diffusers_folder=added[0],
+                                                          concept_words="sks dog")[0])
+    outputs["checkpoint"] = _concept_digest(run_node(Node, source="checkpoint", ckpt_name=checkpoint,
+                                                     concept_words="x y")[0])
+    outputs["lora"] = _concept_digest(run_node(Node, source="lora", lora_name="pin_kohya.safetensors", model=model,
+                                               clip=clip, strength_model=0.7, strength_clip=0.5,
+                                               concept_words="sks dog", class_word="dog")[0])
+    outputs["embedding"] = _concept_digest(run_node(Node, source="embedding", embedding_name="pin_cat.safetensors",
+                                                    clip=clip, class_word="cat")[0])
+    free_memory()
+    check_digests("concept_sources", outputs)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # end to end: the node inside a real headless ComfyUI server
 # ---------------------------------------------------------------------------------------------------------------------

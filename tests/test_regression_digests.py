@@ -1,0 +1,248 @@
+"""Behaviour pin for refactors: every node on the tiny SD1, SD2-v and SDXL fixtures at fixed seeds, outputs digested.
+
+Runs the Prompt Pair, the inversion node with all four methods, Save and Load Inversion, the Attention Recorder (from
+an inversion and synthetic), the Swap Sampler (recorded trace and lockstep, every window kind, LocalBlend on and off)
+and the Attention Preview, and compares each output with `tests/data/regression_digests.json`. The concept sources
+are pinned the same way in tests/test_concept.py (they need the full-size fixtures built there).
+
+On the machine that wrote the file (same torch, CPU capability and thread count) every tensor must be bit-identical:
+a refactor that claims "no behaviour change" must not move a single bit. Elsewhere float sums are compared at 1e-5
+relative, because another CPU may round differently. Rewrite the file, after checking why the outputs changed, with
+`PHOTOSWAP_UPDATE_DIGESTS=1 bash scripts/test.sh -k regression_digests`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+DIGESTS = Path(__file__).resolve().parent / "data" / "regression_digests.json"
+UPDATE = os.environ.get("PHOTOSWAP_UPDATE_DIGESTS") == "1"
+STEPS = 4
+H, W = 6, 8  # latent rows/columns: 48×64 px, non-square
+PROMPTS = {"sd15": ("a photo of a cat on a sofa", "cat", "sks dog"),
+           "sd2v": ("a cat", "cat", "sks small dog"),
+           "sdxl": ("a photo of a cat in the garden", "cat", "sks dog")}
+WINDOWS = {  # (self_output, self_map, cross_map, local_blend, blend_threshold, blend_start)
+    "notebook": (0.8, 0.0, 0.6, True, 0.3, 0.2),
+    "self_map": (0.25, 0.5, 0.5, True, 0.3, 0.0),
+    "cross_only": (0.0, 0.0, 0.6, False, 0.3, 0.2),
+    "output_only": (0.5, 0.0, 0.0, False, 0.3, 0.2),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}; {cpu}; "
+            f"{torch.get_num_threads()} threads")
+
+
+def digest(value):
+    """A JSON-able digest: tensors by shape, dtype, sha256 of their bytes and float64 sums; containers recursively."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        raw = t.view(torch.uint8) if t.dtype == torch.bool else t
+        sha = hashlib.sha256(raw.numpy().tobytes()).hexdigest()[:24]
+        f = t.double()
+        return {"shape": list(t.shape), "dtype": str(t.dtype), "sha": sha, "sum": float(f.sum()),
+                "abs": float(f.abs().sum())}
+    if is_dataclass(value):
+        return digest(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): digest(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [digest(v) for v in value]
+    if isinstance(value, float):
+        return float(value)
+    return value if value is None or isinstance(value, (int, str, bool)) else repr(value)
+
+
+def compare(expected, actual, path, exact, problems):
+    if isinstance(expected, dict) and "sha" in expected and isinstance(actual, dict) and "sha" in actual:
+        if expected["shape"] != actual["shape"] or expected["dtype"] != actual["dtype"]:
+            problems.append(f"{path}: {expected['shape']} {expected['dtype']} -> {actual['shape']} {actual['dtype']}")
+        elif exact and expected["sha"] != actual["sha"]:
+            problems.append(f"{path}: bits differ (sum {expected['sum']:.9g} -> {actual['sum']:.9g})")
+        elif not exact:
+            for key in ("sum", "abs"):
+                a, b = expected[key], actual[key]
+                if abs(a - b) > 1e-5 * max(1.0, abs(a), expected["abs"] / max(1, _numel(expected))):
+                    problems.append(f"{path}.{key}: {a:.9g} -> {b:.9g}")
+        return
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        if set(expected) != set(actual):
+            problems.append(f"{path}: keys {sorted(set(expected) ^ set(actual))} differ")
+        for key in expected.keys() & actual.keys():
+            compare(expected[key], actual[key], f"{path}.{key}", exact, problems)
+    elif isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            compare(e, a, f"{path}[{i}]", exact, problems)
+    elif isinstance(expected, float) and isinstance(actual, float) and not exact:
+        if abs(expected - actual) > 1e-6 * max(1.0, abs(expected)):
+            problems.append(f"{path}: {expected!r} -> {actual!r}")
+    elif expected != actual:
+        problems.append(f"{path}: {expected!r} -> {actual!r}")
+
+
+def _numel(d):
+    n = 1
+    for s in d["shape"]:
+        n *= s
+    return n
+
+
+def run_node(node, **kwargs):
+    """Execute a node the way ComfyUI's executor does, inside inference mode like the server; (result, ui)."""
+    from comfy_api.internal import make_locked_method_func
+
+    run = make_locked_method_func(node, "EXECUTE_NORMALIZED", node.PREPARE_CLASS_CLONE({}))
+    with torch.inference_mode():
+        out = run(**kwargs)
+    return out.result, out.ui
+
+
+def _nodes(pack):
+    mods = {name: importlib.import_module(f"{pack.__name__}.nodes.{name}")
+            for name in ("prompt_nodes", "inversion_nodes", "swap_nodes", "preview_nodes")}
+    return (mods["prompt_nodes"].PhotoswapPromptPair, mods["inversion_nodes"].PhotoswapNullTextInversion,
+            mods["inversion_nodes"].PhotoswapSaveInversion, mods["inversion_nodes"].PhotoswapLoadInversion,
+            mods["swap_nodes"].PhotoswapAttentionRecorder, mods["swap_nodes"].PhotoswapAttentionSwapSampler,
+            mods["preview_nodes"].PhotoswapAttentionPreview)
+
+
+def _photo(seed=3):
+    """A deterministic 48×64 test picture: smooth gradients plus a bright blob plus a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, H * 8), torch.linspace(0, 1, W * 8), indexing="ij")
+    blob = torch.exp(-((ys - 0.5) ** 2 + (xs - 0.4) ** 2) / 0.02)
+    img = torch.stack([0.3 + 0.5 * xs, 0.2 + 0.4 * ys, 0.5 * blob + 0.2], dim=-1)
+    img = img + 0.03 * torch.randn(img.shape, generator=gen)
+    return img.clamp(0, 1).unsqueeze(0)
+
+
+def _trace_digest(trace):
+    store = trace.store
+    return {"trajectory": trace.trajectory, "nulls": trace.null_embeddings, "blend_maps": trace.blend_maps,
+            "blend_grid": trace.blend_grid, "record_fraction": trace.record_fraction,
+            "source_steps": trace.source_steps_k, "method": trace.method, "cfg": trace.cfg,
+            "self_maps": trace.self_maps_recorded, "fingerprint": trace.weights_fingerprint,
+            "store": None if store is None else _concat(store.tensors)}
+
+
+def _concat(tensors: dict):
+    """The recorded attention tensors as one digest, independent of how the keys are spelled: the sorted per-tensor
+    digests hashed together, plus float64 sums over all of them."""
+    parts = sorted(digest(t)["sha"] for t in tensors.values())
+    values = [t.detach().double().cpu() for t in tensors.values()]
+    return {"count": len(parts), "sha": hashlib.sha256("".join(parts).encode()).hexdigest()[:24],
+            "shape": [len(parts)], "dtype": "store", "sum": float(sum(v.sum() for v in values)),
+            "abs": float(sum(v.abs().sum() for v in values))}
+
+
+def family_outputs(pack, ms, family, tmp_path):
+    """Every node's outputs for one tiny family, as {case: value}."""
+    import folder_paths
+
+    PromptPair, Inversion, Save, Load, Recorder, Sampler, Preview = _nodes(pack)
+    out = {}
+    source, subject, concept = PROMPTS[family]
+    (src, tgt, neg, prompts), _ = run_node(PromptPair, clip=ms.clip, source_prompt=source, subject_word=subject,
+                                           concept_words=concept)
+    out["prompt_pair"] = {"source": src, "target": tgt, "negative": neg, "prompts": prompts}
+    with torch.inference_mode():
+        latent = {"samples": ms.vae.encode(_photo())}
+    out["latent"] = latent["samples"]
+    inversions = {}
+    for method in ("null_text", "direct", "negative_prompt", "ddim"):
+        (inv, z_t, sigmas, image), ui = run_node(
+            Inversion, model=ms.model, latent=latent, source_positive=src, negative=neg, steps=STEPS, cfg=7.5,
+            method=method, inner_iterations=2, vae=ms.vae if method == "null_text" else None)
+        inversions[method] = inv
+        out[f"inversion.{method}"] = {
+            "trajectory": inv.trajectory, "inversion_latents": inv.inversion_latents, "nulls": inv.null_embeddings,
+            "inner": inv.inner_iterations, "z_t": z_t, "sigmas": sigmas, "image": image,
+            "fingerprints": [inv.weights_fingerprint, inv.latent_fingerprint], "text": ui.get("text")}
+    saved = Path(folder_paths.get_output_directory()) / "photoswap" / f"regression_{family}"
+    shutil.rmtree(saved, ignore_errors=True)
+    run_node(Save, inversion=inversions["null_text"], filename_prefix=f"regression_{family}/inv")
+    files = sorted(saved.glob("*.safetensors"))
+    raw = files[0].read_bytes().replace(pack_version_bytes(pack), b"<version>")
+    out["save_inversion.file_sha"] = hashlib.sha256(raw).hexdigest()
+    name = f"photoswap/regression_{family}/{files[0].name} [output]"
+    (loaded, z_t, sigmas, lsrc, lneg), _ = run_node(Load, inversion_file=name, model=ms.model, latent=latent)
+    out["load_inversion"] = {"trajectory": loaded.trajectory, "nulls": loaded.null_embeddings, "z_t": z_t,
+                             "sigmas": sigmas, "source": lsrc, "negative": lneg}
+    shutil.rmtree(saved, ignore_errors=True)
+
+    traces = {}
+    for method in ("null_text", "direct"):
+        (trace, source_latent), _ = run_node(Recorder, model=ms.model, source_positive=src, negative=neg,
+                                             inversion=inversions[method], record_self_maps=True)
+        traces[method] = trace
+        out[f"recorder.{method}"] = {"trace": _trace_digest(trace), "source_latent": source_latent}
+    (synthetic, synthetic_latent), _ = run_node(Recorder, model=ms.model, source_positive=src, negative=neg,
+                                                latent={"samples": torch.zeros(1, 4, H, W)}, seed=11, steps=STEPS,
+                                                cfg=7.5, record_fraction=0.8, record_self_maps=False)
+    out["recorder.synthetic"] = {"trace": _trace_digest(synthetic), "source_latent": synthetic_latent}
+
+    def sample(trace, windows, lockstep=False):
+        so, sm, cm, lb, th, bs = WINDOWS[windows]
+        (swapped, src_latent, mask), _ = run_node(
+            Sampler, model=ms.model, trace=trace, target_positive=tgt, negative=neg, prompts=prompts, self_output=so,
+            self_map=sm, cross_map=cm, local_blend=lb, blend_threshold=th, blend_start=bs, cfg=7.5,
+            force_lockstep=lockstep)
+        return {"swapped": swapped["samples"], "source": src_latent["samples"], "mask": mask}
+
+    for windows in WINDOWS:
+        out[f"sampler.null_text.{windows}.trace"] = sample(traces["null_text"], windows)
+    for windows in ("notebook", "self_map"):
+        out[f"sampler.null_text.{windows}.lockstep"] = sample(traces["null_text"], windows, lockstep=True)
+    out["sampler.direct.notebook.trace"] = sample(traces["direct"], "notebook")
+    out["sampler.synthetic.notebook"] = sample(synthetic, "cross_only")  # self-maps not recorded: output/cross
+    mask = out["sampler.null_text.notebook.trace"]["mask"]
+    (images,), _ = run_node(Preview, model=ms.model, trace=traces["null_text"], prompts=prompts,
+                            target_positive=tgt, step_fraction=0.5, blend_mask=mask)
+    out["preview"] = images
+    return out
+
+
+def pack_version_bytes(pack) -> bytes:
+    return f'\\"pack_version\\": \\"{pack.__version__}\\"'.encode()
+
+
+def check_digests(section: str, outputs: dict) -> None:
+    """Compare `outputs` with the section of the digest file (or rewrite it with PHOTOSWAP_UPDATE_DIGESTS=1)."""
+    actual = digest(outputs)
+    recorded = json.loads(DIGESTS.read_text()) if DIGESTS.exists() else {}
+    if UPDATE:
+        recorded.setdefault("sections", {})[section] = {"machine": machine(), "outputs": actual}
+        DIGESTS.parent.mkdir(exist_ok=True)
+        DIGESTS.write_text(json.dumps(recorded, sort_keys=True) + "\n")
+        return
+    entry = recorded.get("sections", {}).get(section)
+    assert entry is not None, f"no digests for {section!r} in {DIGESTS}; write them with PHOTOSWAP_UPDATE_DIGESTS=1"
+    exact = entry["machine"] == machine()
+    problems: list = []
+    compare(entry["outputs"], actual, section, exact, problems)
+    how = "bit for bit" if exact else f"to float noise (digests written on: {entry['machine']})"
+    assert not problems, f"{len(problems)} outputs changed ({how}):\n" + "\n".join(problems[:40])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["sd15", "sd2v", "sdxl"])
+def test_every_node_output_is_unchanged(request, pack, family, tmp_path):
+    ms = request.getfixturevalue(f"tiny_{family}")
+    check_digests(f"nodes.{family}", family_outputs(pack, ms, family, tmp_path))
