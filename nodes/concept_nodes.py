@@ -1,23 +1,11 @@
 """Concept stage: load a learned subject (DreamBooth checkpoint, diffusers folder, LoRA, textual inversion)."""
 from __future__ import annotations
 
-import folder_paths
 from comfy_api.latest import io, ui
 
+from ..photoswap_core.concept import (NONE_CHOICE, SOURCES, diffusers_folder_choices, file_choices, load_concept,
+                                      source_fingerprint)
 from .types import CATEGORY, Concept
-
-SOURCES = ["checkpoint", "diffusers folder", "lora", "embedding"]
-NONE_CHOICE = "(none)"
-
-
-def _files(folder: str) -> list[str]:
-    return [NONE_CHOICE] + folder_paths.get_filename_list(folder)
-
-
-def _diffusers_folders() -> list[str]:
-    from ..photoswap_core.concept import list_diffusers_folders
-
-    return [NONE_CHOICE] + list_diffusers_folders()
 
 
 class PhotoswapConceptLoader(io.ComfyNode):
@@ -36,22 +24,22 @@ class PhotoswapConceptLoader(io.ComfyNode):
                 "concept_words widget; how they tokenize is reported (log and node text), with a warning when the "
                 "identifier is a common word."),
             inputs=[
-                io.Combo.Input("source", options=SOURCES, default="checkpoint",
+                io.Combo.Input("source", options=list(SOURCES), default="checkpoint",
                                tooltip="Which form the concept comes in: 'checkpoint' = a full DreamBooth checkpoint "
                                        "file (models/checkpoints); 'diffusers folder' = the training script's output "
                                        "folder (models/diffusers); 'lora' = a DreamBooth-LoRA (models/loras) applied "
                                        "on the connected base model/clip; 'embedding' = a textual-inversion "
                                        "embedding (models/embeddings) used through 'embedding:<name>'."),
-                io.Combo.Input("ckpt_name", options=_files("checkpoints"), default=NONE_CHOICE,
+                io.Combo.Input("ckpt_name", options=file_choices("checkpoints"), default=NONE_CHOICE,
                                tooltip="Source 'checkpoint': the DreamBooth checkpoint. .safetensors is read "
                                        "directly; .ckpt/.pt only through ComfyUI's safe (weights-only) loader."),
-                io.Combo.Input("diffusers_folder", options=_diffusers_folders(), default=NONE_CHOICE,
+                io.Combo.Input("diffusers_folder", options=diffusers_folder_choices(), default=NONE_CHOICE,
                                tooltip="Source 'diffusers folder': a pipeline folder under models/diffusers "
                                        "(model_index.json, unet/, text_encoder/, vae/, tokenizer/)."),
-                io.Combo.Input("lora_name", options=_files("loras"), default=NONE_CHOICE,
+                io.Combo.Input("lora_name", options=file_choices("loras"), default=NONE_CHOICE,
                                tooltip="Source 'lora': the DreamBooth-LoRA file, applied on the model/clip inputs. "
                                        "A LoRA for another model family (e.g. SDXL on an SD1.5 base) is an error."),
-                io.Combo.Input("embedding_name", options=_files("embeddings"), default=NONE_CHOICE,
+                io.Combo.Input("embedding_name", options=file_choices("embeddings"), default=NONE_CHOICE,
                                tooltip="Source 'embedding': the textual-inversion embedding; the concept words "
                                        "become 'embedding:<name>' (plus class_word when given)."),
                 io.String.Input("concept_words", default="sks dog",
@@ -95,16 +83,12 @@ class PhotoswapConceptLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, source, ckpt_name=NONE_CHOICE, diffusers_folder=NONE_CHOICE, lora_name=NONE_CHOICE,
                            embedding_name=NONE_CHOICE, **kwargs):
-        from ..photoswap_core.concept import fingerprint, source_path
-
-        return fingerprint(source_path(source, ckpt_name, diffusers_folder, lora_name, embedding_name))
+        return source_fingerprint(source, ckpt_name, diffusers_folder, lora_name, embedding_name)
 
     @classmethod
     def execute(cls, source, ckpt_name=NONE_CHOICE, diffusers_folder=NONE_CHOICE, lora_name=NONE_CHOICE,
                 embedding_name=NONE_CHOICE, concept_words="", class_word="", prefer_metadata=True,
                 strength_model=1.0, strength_clip=1.0, model=None, clip=None, vae=None) -> io.NodeOutput:
-        from ..photoswap_core.concept import load_concept
-
         loaded = load_concept(source, ckpt_name=ckpt_name, diffusers_folder=diffusers_folder, lora_name=lora_name,
                               embedding_name=embedding_name, concept_words=concept_words, class_word=class_word,
                               prefer_metadata=prefer_metadata, strength_model=strength_model,

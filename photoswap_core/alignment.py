@@ -22,12 +22,13 @@ Reference semantics (eric-ai-lab/photoswap `utils.py`, reproduced here in our ow
   but not in "superman" or "woman".
 
 * Target positions: the reference blends the target row on the concept's *identifier* ("sks"), not its class word.
-  Rule: the identifier is the concept words with the class word removed (its last whole-word occurrence). The class
-  word is the given one (`class_word`, e.g. from a PHOTOSWAP_CONCEPT; an empty string means "no class word"); when it
-  is not given (`None`, typed words): the subject word if it is one of the concept words (subject "man", concept
-  "sks man" -> class "man"), else the last word when there are several words ("sks dog" -> "dog"), else none. With no
-  class word, or nothing left after removing it, the identifier is all of the concept words. The target positions are
-  the identifier's tokens inside every occurrence of the full concept words in the target prompt.
+  Rule (`clip_tokens.split_identifier`, shared with the concept report): the identifier is the concept words with
+  the class word removed (its last whole-word occurrence). The class word is the given one (`class_word`, e.g. from
+  a PHOTOSWAP_CONCEPT; an empty string means "no class word"); when it is not given (`None`, typed words): the
+  subject word if it is one of the concept words (subject "man", concept "sks man" -> class "man"), else the last
+  word when there are several words ("sks dog" -> "dog"), else none. With no class word, or nothing left after
+  removing it, the identifier is all of the concept words. The target positions are the identifier's tokens inside
+  every occurrence of the full concept words in the target prompt.
 
 * Token ids through ComfyUI (`PromptTokenizer.from_clip`): what the model actually sees is ComfyUI's tokenization,
   which strips prompt-weight syntax ("(cat:1.2)" -> "cat" with weight 1.2) and replaces `embedding:name` by the
@@ -45,10 +46,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from .clip_tokens import EMBEDDING_PREFIX, content_tokens, primary_tokenizer, split_identifier
+from .clip_tokens import tokenizer_of  # noqa: F401  (part of this module's API: the prompt stage's tokenizer)
 from .errors import PhotoswapInputError
 
 MAX_TOKENS = 77  # CLIP context length, BOS and EOS included
-EMBEDDING_PREFIX = "embedding:"
 
 MATCH, MISMATCH, GAP = 1, -1, 0
 _LEFT, _UP, _DIAG = 1, 2, 3  # traceback moves, in the reference's tie preference order
@@ -81,14 +83,8 @@ class PromptTokenizer:
 
     @classmethod
     def from_clip(cls, clip) -> "PromptTokenizer":
-        hf, key = _find_hf_tokenizer(clip)
-
-        def comfy_tokenize(text: str) -> list:
-            batches = clip.tokenize(text, return_word_ids=True)[key]
-            # word id 0 marks BOS/EOS/padding; every content token (ids or embedding vectors) has a word id >= 1
-            return [tok for batch in batches for (tok, _weight, word_id) in batch if word_id != 0]
-
-        return cls(hf, comfy_tokenize)
+        primary = primary_tokenizer(clip)
+        return cls(primary.hf, lambda text: content_tokens(clip, text, primary.key))
 
     @property
     def uses_comfy(self) -> bool:
@@ -125,34 +121,6 @@ class PromptTokenizer:
     def describe(self, ids: Sequence[int]) -> list[str]:
         """Readable token strings (for messages)."""
         return ["<embedding>" if i < 0 else str(self.hf.convert_ids_to_tokens(int(i))) for i in ids]
-
-
-def _find_hf_tokenizer(clip):
-    """(HF tokenizer, tokenize() output key) inside a ComfyUI CLIP: clip_l (SD1/SDXL), then clip_h (SD2), then
-    clip_g, then any sub-tokenizer that wraps a HF tokenizer."""
-    outer = getattr(clip, "tokenizer", clip)
-    candidates = []
-    for attr, value in vars(outer).items():
-        inner = getattr(value, "tokenizer", None)
-        if inner is not None and hasattr(inner, "encode") and hasattr(inner, "convert_ids_to_tokens"):
-            key = attr[len("clip_"):] if attr.startswith("clip_") else attr
-            candidates.append((attr, key, inner))
-    if not candidates:
-        raise PhotoswapInputError(
-            "clip", "a CLIP with a CLIP-BPE tokenizer (SD1.x, SD2.x or SDXL)",
-            f"connect the CLIP output of an SD1.x/SD2.x/SDXL checkpoint loader (got {type(outer).__name__}, whose "
-            "text encoder is not supported yet)")
-    order = {"clip_l": 0, "clip_h": 1, "clip_g": 2}
-    candidates.sort(key=lambda c: order.get(c[0], 3))
-    attr, key, inner = candidates[0]
-    if getattr(outer, "clip_name", None) is not None and getattr(outer, "clip", None) == attr:
-        key = outer.clip_name  # SD1Tokenizer-style wrapper: tokenize() is keyed by clip_name ("l", "h", …)
-    return inner, key
-
-
-def tokenizer_of(clip):
-    """The HF tokenizer inside a ComfyUI CLIP (clip_l for SD1/SDXL, clip_h for SD2)."""
-    return _find_hf_tokenizer(clip)[0]
 
 
 def _as_prompt_tokenizer(tokenizer) -> PromptTokenizer:
@@ -292,31 +260,6 @@ def make_target_prompt(source_prompt: str, subject_word: str, concept_words: str
     return _word_pattern(subject).sub(lambda _m: concept, source_prompt)
 
 
-def _split_identifier(concept_words: str, subject_word: str, class_word: str | None) -> tuple[str, str]:
-    """(identifier words, class word) of a concept, per the rule in the module docstring."""
-    words = concept_words.split()
-    lowered = [w.lower() for w in words]
-    if class_word is None:
-        subject = subject_word.strip().lower()
-        if len(words) > 1 and subject in lowered:
-            class_word = subject_word.strip()
-        elif len(words) > 1:
-            class_word = words[-1]
-        else:
-            class_word = ""
-    cls_words = class_word.split()
-    if cls_words:
-        n = len(cls_words)
-        target = [w.lower() for w in cls_words]
-        for start in range(len(words) - n, -1, -1):
-            if lowered[start:start + n] == target:
-                rest = words[:start] + words[start + n:]
-                if rest:
-                    return " ".join(rest), " ".join(cls_words)
-                break
-    return " ".join(words), (" ".join(cls_words) if cls_words else "")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The pair
 # --------------------------------------------------------------------------------------------------------------------
@@ -429,7 +372,8 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
             "concept_words", f"words that survive tokenization inside the target prompt {target!r}",
             "use plain words for the concept (letters and digits)")
 
-    identifier, cls = _split_identifier(concept, subject, class_word)
+    split = split_identifier(concept, class_word, subject_word=subject)
+    identifier, cls = split.identifier or concept, split.class_word
     identifier_ids = tok.content_ids(identifier)
     offsets = _occurrences(concept_ids, identifier_ids, tok)
     offset = offsets[0] if offsets else 0

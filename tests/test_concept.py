@@ -321,9 +321,9 @@ def assert_weights_equal(model, clip, vae, ref, vocab_rows=49408):
 
 def content_ids(clip, text):
     """Content tokens of `text` (ComfyUI's tokenization, primary encoder): ints and embedding tensors."""
-    from comfyui_photoswap.photoswap_core.concept import tokenize_words
+    from comfyui_photoswap.photoswap_core.clip_tokens import content_tokens
 
-    return tokenize_words(clip, text)
+    return content_tokens(clip, text)
 
 
 def free_memory() -> None:
