@@ -35,7 +35,8 @@ class PhotoswapConceptLoader(io.ComfyNode):
                                        "directly; .ckpt/.pt only through ComfyUI's safe (weights-only) loader."),
                 io.Combo.Input("diffusers_folder", options=diffusers_folder_choices(), default=NONE_CHOICE,
                                tooltip="Source 'diffusers folder': a pipeline folder under models/diffusers "
-                                       "(model_index.json, unet/, text_encoder/, vae/, tokenizer/)."),
+                                       "(model_index.json, unet/, text_encoder/, vae/, tokenizer/). An SD1/SD2-"
+                                       "topology folder of other widths is built from its own config files."),
                 io.Combo.Input("lora_name", options=file_choices("loras"), default=NONE_CHOICE,
                                tooltip="Source 'lora': the DreamBooth-LoRA file, applied on the model/clip inputs. "
                                        "A LoRA for another model family (e.g. SDXL on an SD1.5 base) is an error."),

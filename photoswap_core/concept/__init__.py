@@ -5,7 +5,8 @@ by the prompt pair node, which puts `words` into the target prompt. `load_concep
 through `loader.SOURCES_BY_KIND`, one module per source:
 
 * `checkpoint` — a single-file DreamBooth checkpoint from models/checkpoints;
-* `diffusers_folder` — a diffusers pipeline folder from models/diffusers (added tokens such as "<sks>" restored);
+* `diffusers_folder` — a diffusers pipeline folder from models/diffusers (added tokens such as "<sks>" restored;
+  small-width SD1/SD2-topology folders built from their own configs by `diffusers_configs`);
 * `lora` — a DreamBooth-LoRA applied on the connected base MODEL/CLIP, family mismatches refused;
 * `embedding` — a textual-inversion embedding used through ComfyUI's `embedding:` syntax.
 

@@ -3,11 +3,13 @@ trains).
 
 Layout: `model_index.json`, `unet/`, `text_encoder/`, `vae/`, `tokenizer/` (SDXL: also `text_encoder_2/`,
 `tokenizer_2/`). Loaded like ComfyUI's own `comfy.diffusers_load.load_diffusers` (same file preference, same ComfyUI
-loaders; sharded weights are merged) plus two additions:
+loaders; sharded weights are merged) plus three additions:
 - added tokens ("<sks>" in the tokenizer with a trained embedding row) are restored into the loaded CLIP
   (vocabulary);
 - `scheduler/scheduler_config.json` `prediction_type`: when it says `v_prediction` (or `epsilon`) and ComfyUI's
-  detection disagrees, the model's sampling is set accordingly (like ComfyUI's ModelSamplingDiscrete).
+  detection disagrees, the model's sampling is set accordingly (like ComfyUI's ModelSamplingDiscrete);
+- an SD1/SD2-topology folder of widths ComfyUI's shape detection does not know is built from its own configs
+  (diffusers_configs).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import PhotoswapInputError
+from .diffusers_configs import load_from_configs
 from .model_folders import resolve_diffusers_folder
 from .result import ConceptRequest, ConceptSource, LoadedConcept
 from .safe_files import load_merged, read_json_object
@@ -191,13 +194,26 @@ def _text_encoder_parts(layout: DiffusersLayout, display_name: str) -> list:
     return parts
 
 
-def _load_components(layout: DiffusersLayout, te_parts: list, embedding_directory):
-    """(model, clip, vae) through ComfyUI's own loaders."""
+def _load_components(layout: DiffusersLayout, te_parts: list, display_name: str, prediction_type,
+                     embedding_directory):
+    """(model, clip, vae) through ComfyUI's detection, or from the folder's configs when the detection does not know
+    the UNet (a small-width SD1/SD2 model)."""
     import comfy.sd
 
-    model = comfy.sd.load_diffusion_model_state_dict(load_merged(layout.unet, "diffusers_folder"))
+    unet_sd = load_merged(layout.unet, "diffusers_folder")
+    model = comfy.sd.load_diffusion_model_state_dict(unet_sd)
     if model is None:
-        raise ValueError("ComfyUI could not detect the UNet type")
+        if len(te_parts) != 1:
+            raise PhotoswapInputError(
+                "diffusers_folder", "a diffusers pipeline ComfyUI recognises (SD1.x/SD2.x/SDXL), or an SD1/SD2-"
+                "topology one (one text encoder) of other widths",
+                f"'{display_name}': ComfyUI's shape detection does not know this UNet, and with {len(te_parts)} "
+                "text encoders it is no SD1/SD2-topology model that could be built from its configs; use a "
+                "full-size SDXL pipeline or an SD1/SD2-topology one")
+        log.info("Photoswap: %s: ComfyUI's shape detection does not know this UNet; building it, the CLIP and the "
+                 "VAE from the folder's own configs", display_name)
+        return load_from_configs(layout.root, display_name, unet_sd, te_parts[0][0], layout.text_encoders[0][1],
+                                 load_merged(layout.vae, "diffusers_folder"), prediction_type, embedding_directory)
     clip = comfy.sd.load_text_encoder_state_dicts([sd for sd, _t, _r in te_parts],
                                                   embedding_directory=embedding_directory)
     return model, clip, comfy.sd.VAE(sd=load_merged(layout.vae, "diffusers_folder"))
@@ -209,7 +225,8 @@ def load_diffusers_folder(path: str, display_name: str, embedding_directory):
     te_parts = _text_encoder_parts(layout, display_name)
     scheduler = _scheduler_config(path, display_name)
     try:
-        model, clip, vae = _load_components(layout, te_parts, embedding_directory)
+        model, clip, vae = _load_components(layout, te_parts, display_name, scheduler.get("prediction_type"),
+                                            embedding_directory)
     except PhotoswapInputError:
         raise
     except Exception as exc:
