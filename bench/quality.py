@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Photoswap's quality, measured in the toy world (toyworld/): inversion, swap, baselines, a window sweep.
+
+    .venv/bin/python bench/quality.py                      # full run (24 photos, 50 steps) -> bench/results/quality/
+    .venv/bin/python bench/quality.py --count 4 --steps 20 --no-sweep --out /tmp/q.json   # what CI runs
+
+Every figure comes from the world's ground truth (toyworld/scene.py) and the analytic detector (toyworld/detector.py),
+on held-out photos (one object, a (colour, shape, background, texture) combination never rendered for training),
+through the pack's own nodes in-process (Concept Loader, Prompt Pair, inversion, recorder, swap sampler; ComfyUI's
+VAE Encode/Decode and KSampler), with the committed weights (toyworld/weights/, never retrained here):
+
+- generation: the base model's images for held-out prompts, read back by the detector (shape, colour);
+- inversion: reconstruction PSNR of ddim / null_text / direct / negative_prompt; null_text's inner iterations per
+  step (early stopping) and its cost as a ratio to a plain KSampler pass;
+- swap (the DreamBooth concept "sks square" in place of the photo's object, from the null_text inversion):
+  identity (the detector finds the concept), place and size (vs the old subject), background PSNR outside both
+  subjects' masks, leakage (changed pixels there), for the baselines (target prompt from z_T without swap, cross-map
+  only, self-output only, Photoswap without LocalBlend, Photoswap at the shipped and the paper's windows) and a
+  sweep of self_output x cross_map (docs/quality_tradeoff.png);
+- the LoRA and textual-inversion forms of the concept at the shipped windows.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _p in (REPO_ROOT, BENCH_DIR):
+    if str(_p) not in sys.path:
+        sys.path.append(str(_p))
+
+from toyworld import harness as H  # noqa: E402
+from toyworld import metrics as Q  # noqa: E402
+from toyworld import scene as W  # noqa: E402
+
+RESULTS = BENCH_DIR / "results" / "quality"
+PLOT = REPO_ROOT / "docs" / "quality_tradeoff.png"
+METHODS = ("ddim", "null_text", "direct", "negative_prompt")
+OFF = {"self_output": 0.0, "self_map": 0.0, "cross_map": 0.0, "local_blend": False}
+SHIPPED = {"self_output": 0.8, "self_map": 0.0, "cross_map": 0.6, "local_blend": True, "blend_threshold": 0.3,
+           "blend_start": 0.2}
+BASELINES = {
+    "no_swap": OFF,
+    "cross_map_only": dict(OFF, cross_map=0.6),
+    "self_output_only": dict(OFF, self_output=0.8),
+    "photoswap_no_blend": dict(SHIPPED, local_blend=False),
+    "photoswap_shipped": SHIPPED,
+    "photoswap_paper": dict(SHIPPED, self_output=0.2, self_map=0.3, cross_map=0.4),
+}
+SWEEP_SELF = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+SWEEP_CROSS = (0.2, 0.6, 1.0)
+
+
+def photo_scenes(seed: int, count: int) -> list[W.Scene]:
+    """Held-out one-object photos, captioned with colour and shape (no size word)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        sc = W.sample_scene(rng, "heldout")
+        out.append(W.Scene(sc.bg, sc.texture, sc.phase, sc.objects, W.caption_of(sc, False, True)))
+    return out
+
+
+def target_prompt(scene: W.Scene) -> str:
+    """The photo's caption with its object replaced by the concept words (the colour word goes: the concept has
+    its own colours)."""
+    return f"a photo of a {W.CONCEPT_WORDS} {W.background_phrase(scene.bg, scene.texture)}"
+
+
+def generation_accuracy(form, count: int, steps: int, seed: int) -> dict:
+    """The base model's generations for held-out prompts (ComfyUI KSampler, DDIM, cfg 7.5) read by the detector."""
+    import nodes
+    import torch
+
+    rows, loaded = [], H.load_concept("base")
+    for i, sc in enumerate(photo_scenes(seed + 1, count)):
+        with torch.inference_mode():
+            pos = nodes.CLIPTextEncode().encode(loaded.clip, sc.caption)[0]
+            neg = nodes.CLIPTextEncode().encode(loaded.clip, "")[0]
+            empty = {"samples": torch.zeros(1, 4, W.SIZE // 8, W.SIZE // 8)}
+            lat = nodes.common_ksampler(loaded.model, seed + i, steps, 7.5, "ddim", "ddim_uniform", pos, neg,
+                                        empty)[0]
+        rows.append(Q.generation_correct(H.decode(loaded.vae, lat), sc))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows), "steps": steps}
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def plain_seconds(loaded, src, neg, steps: int) -> float:
+    """One plain CFG sampling pass (the benchmark suite's unit: ComfyUI's KSampler, ddim), seconds."""
+    import nodes
+    import torch
+
+    empty = {"samples": torch.zeros(1, 4, W.SIZE // 8, W.SIZE // 8)}
+    with torch.inference_mode():
+        nodes.common_ksampler(loaded.model, 0, 2, 7.5, "ddim", "ddim_uniform", src, neg, empty)  # warm
+        return timed(lambda: nodes.common_ksampler(loaded.model, 0, steps, 7.5, "ddim", "ddim_uniform", src, neg,
+                                                   empty))[1]
+
+
+def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
+    """Inversions and every swap setting for one photo."""
+    photo = W.render(sc)
+    latent = H.encode(loaded.vae, photo)
+    src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc))
+    row = {"caption": sc.caption, "inversion": {}, "swaps": {}}
+    inversions = {}
+    for method in METHODS:
+        (inv, recon, iters), secs = timed(lambda: H.invert(loaded, latent, src, neg, method, args.steps,
+                                                           inner_iterations=args.inner))
+        inversions[method] = inv
+        row["inversion"][method] = {"psnr_db": Q.inversion_psnr(photo, recon), "seconds": secs}
+        if iters:
+            row["inversion"][method]["inner_iterations"] = iters
+    row["plain_seconds"] = plain_seconds(loaded, src, neg, args.steps)
+    trace, _ = H.record(loaded, inversions[args.swap_inversion], src, neg, args.steps)
+    for name, win in windows.items():
+        swapped, _source = H.swap(loaded, trace, tgt, neg, prompts, **win)
+        row["swaps"][name] = Q.swap_metrics(sc, photo, H.decode(loaded.vae, swapped))
+    return row
+
+
+def sweep_windows(enabled: bool) -> dict:
+    out = dict(BASELINES)
+    if enabled:
+        for so in SWEEP_SELF:
+            for cm in SWEEP_CROSS:
+                out[f"sweep_so{so:g}_cm{cm:g}"] = dict(SHIPPED, self_output=so, cross_map=cm)
+    return out
+
+
+def aggregate(rows: list[dict]) -> dict:
+    inv = {}
+    for m in METHODS:
+        vals = [r["inversion"][m] for r in rows]
+        inv[m] = {"psnr_db": float(np.mean([v["psnr_db"] for v in vals])),
+                  "psnr_db_min": float(np.min([v["psnr_db"] for v in vals])),
+                  "seconds": float(np.mean([v["seconds"] for v in vals]))}
+    plain = float(np.mean([r["plain_seconds"] for r in rows]))
+    iters = [k for r in rows for k in r["inversion"]["null_text"].get("inner_iterations", [])]
+    null = {"mean_inner_iterations_per_step": float(np.mean(iters)) if iters else float("nan"),
+            "steps_stopped_early": float(np.mean([k < ARGS_INNER[0] for k in iters])) if iters else float("nan"),
+            "cost_ratio_to_plain": inv["null_text"]["seconds"] / plain, "plain_seconds": plain,
+            "direct_cost_ratio_to_plain": inv["direct"]["seconds"] / plain}
+    swaps = {name: Q.summarise([r["swaps"][name] for r in rows]) for name in rows[0]["swaps"]}
+    return {"inversion": inv, "null_text_cost": null, "swaps": swaps}
+
+
+ARGS_INNER = [10]
+
+
+def concept_forms(args, scenes: list[W.Scene]) -> dict:
+    """The LoRA and embedding forms at the shipped windows (direct inversion: the form, not the inversion, varies)."""
+    out = {}
+    for form in ("lora", "embedding"):
+        loaded = H.load_concept(form)
+        rows = []
+        for sc in scenes:
+            photo = W.render(sc)
+            latent = H.encode(loaded.vae, photo)
+            src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc)
+                                                   .replace(W.CONCEPT_WORDS, loaded.words))
+            inv, _recon, _ = H.invert(loaded, latent, src, neg, "direct", args.steps)
+            trace, _ = H.record(loaded, inv, src, neg, args.steps)
+            rows.append({n: Q.swap_metrics(sc, photo, H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts,
+                                                                                   **w)[0]))
+                         for n, w in (("no_swap", OFF), ("photoswap_shipped", SHIPPED))})
+        out[form] = {n: Q.summarise([r[n] for r in rows]) for n in rows[0]} | {"how": loaded.how}
+    return out
+
+
+def plot_tradeoff(result: dict, path: Path) -> None:
+    """Identity rate (y) vs background PSNR (x) of the sweep and the baselines, drawn with PIL (no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    swaps = result["swaps"]
+    pts = {n: (s["background_psnr_db"], s["identity"]) for n, s in swaps.items()
+           if not math.isnan(s["background_psnr_db"])}
+    if not pts:
+        return
+    W_, H_, L, B, T, R = 760, 520, 70, 60, 40, 200
+    xs = [p[0] for p in pts.values()]
+    x0, x1 = math.floor(min(xs)) - 1, math.ceil(max(xs)) + 1
+    img = Image.new("RGB", (W_, H_), "white")
+    d = ImageDraw.Draw(img)
+
+    def at(x, y):
+        return L + (x - x0) / (x1 - x0) * (W_ - L - R), H_ - B - y * (H_ - B - T)
+
+    d.rectangle([L, T, W_ - R, H_ - B], outline="black")
+    for k in range(6):
+        y = k / 5
+        d.text((L - 34, at(x0, y)[1] - 6), f"{y:.1f}", fill="black")
+        d.line([L - 4, at(x0, y)[1], L, at(x0, y)[1]], fill="black")
+    for x in range(int(x0), int(x1) + 1, max(1, (int(x1) - int(x0)) // 8)):
+        d.text((at(x, 0)[0] - 8, H_ - B + 8), f"{x}", fill="black")
+    d.text((L + 120, H_ - 24), "background PSNR outside the subjects (dB)  ->  background kept", fill="black")
+    d.text((8, 10), "identity: fraction of swaps where the detector finds the concept", fill="black")
+    colours = {0.2: (66, 133, 244), 0.6: (234, 67, 53), 1.0: (52, 168, 83)}
+    for n, (x, y) in pts.items():
+        px, py = at(x, y)
+        if n.startswith("sweep_"):
+            so, cm = (float(v[2:]) for v in n[len("sweep_"):].split("_"))
+            c = colours.get(cm, (120, 120, 120))
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
+            d.text((px + 5, py - 5), f"{so:g}", fill=c)
+        else:
+            d.rectangle([px - 5, py - 5, px + 5, py + 5], outline="black", width=2)
+            d.text((px + 7, py + 2), n, fill="black")
+    ly = T + 10
+    d.text((W_ - R + 12, ly), "sweep (LocalBlend on),", fill="black")
+    d.text((W_ - R + 12, ly + 14), "label = self_output:", fill="black")
+    for i, (cm, c) in enumerate(colours.items()):
+        d.ellipse([W_ - R + 14, ly + 34 + 16 * i, W_ - R + 22, ly + 42 + 16 * i], fill=c)
+        d.text((W_ - R + 28, ly + 32 + 16 * i), f"cross_map {cm:g}", fill=c)
+    d.text((W_ - R + 12, ly + 90), "squares: baselines", fill="black")
+    meta = result["meta"]
+    d.text((L, T - 18), f"toy world, {meta['count']} held-out photos, {meta['steps']} steps, "
+                        f"swap from {meta['swap_inversion']} inversion", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def meta_info(args, seconds: float) -> dict:
+    import os
+    import platform
+
+    import torch
+
+    from toyworld.train_base import machine
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "machine": machine() | {"load_average_end": os.getloadavg()},
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "count": args.count,
+            "steps": args.steps, "inner_iterations": args.inner, "swap_inversion": args.swap_inversion,
+            "seed": args.seed, "seconds": round(seconds, 1)}
+
+
+def run(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    ARGS_INNER[0] = args.inner
+    H.boot()
+    loaded = H.load_concept("dreambooth")
+    scenes = photo_scenes(args.seed, args.count)
+    rows = []
+    for i, sc in enumerate(scenes):
+        rows.append(run_photo(loaded, sc, args, sweep_windows(args.sweep)))
+        s = rows[-1]["swaps"]["photoswap_shipped"]
+        print(f"[quality] photo {i + 1}/{len(scenes)} {sc.caption!r}: shipped identity {s['identity']}, "
+              f"background {s['background_psnr_db']:.1f} dB ({time.time() - t0:.0f} s)", flush=True)
+    result = aggregate(rows)
+    result["generation"] = generation_accuracy("base", args.gen_count, args.steps, args.seed + 100)
+    if args.forms:
+        result["forms"] = concept_forms(args, scenes[: max(1, args.count // 2)])
+    result["loaded_by"] = {"dreambooth": loaded.how, "base": H.load_concept("base").how}
+    result["photos"] = rows
+    result["meta"] = meta_info(args, time.time() - t0)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=24, help="held-out photos")
+    ap.add_argument("--gen-count", type=int, default=48, help="held-out prompts for the generation accuracy")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--inner", type=int, default=10, help="null_text inner iterations per step at most")
+    ap.add_argument("--swap-inversion", default="null_text", choices=METHODS)
+    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--forms", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the LoRA and embedding forms")
+    ap.add_argument("--out", type=Path, default=RESULTS / "toyworld-cpu.json")
+    ap.add_argument("--plot", type=Path, default=None, help=f"trade-off PNG (default {PLOT} for the full run)")
+    args = ap.parse_args(argv)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    plot = args.plot or (PLOT if args.sweep and args.out == RESULTS / "toyworld-cpu.json" else None)
+    if plot:
+        plot_tradeoff(result, plot)
+    print(format_summary(result))
+    print(f"[quality] wrote {args.out}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def format_summary(result: dict) -> str:
+    lines = ["inversion PSNR (dB): " + ", ".join(f"{m} {v['psnr_db']:.2f}" for m, v in result["inversion"].items())]
+    n = result["null_text_cost"]
+    lines.append(f"null_text: {n['mean_inner_iterations_per_step']:.2f} inner iterations/step, "
+                 f"{n['cost_ratio_to_plain']:.2f}x a plain pass")
+    g = result["generation"]
+    lines.append(f"generation (held-out prompts): shape+colour {g['shape_and_colour']:.1%} of {g['n']}")
+    for name, s in result["swaps"].items():
+        if not name.startswith("sweep_"):
+            lines.append(f"{name:20s} identity {s['identity']:.2f} in-place {s['identity_in_place']:.2f} "
+                         f"place {s['place_error_px']:.1f}px size {s['size_error']:.2f} "
+                         f"bg {s['background_psnr_db']:.1f}dB leak {s['leakage']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

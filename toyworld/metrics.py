@@ -1,0 +1,71 @@
+"""Swap-quality measurements on toy-world images, every one from the source scene's ground truth and the detector.
+
+Why these: Photoswap promises three things -- the new subject (identity), in the old one's place and size (pose
+kept), and the rest of the photo unchanged (background kept, nothing leaking out of the subject). Each becomes a
+number here; `summarise` averages them over photos.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from . import detector as D
+from . import scene as W
+from .sampling import psnr
+
+CHANGED = 24  # a pixel "changed" when one of its channels moved by more than this many levels
+PLACE_TOL = 4.0  # pixels: the concept counts as "in place" within this distance of the old subject's centre
+GROW = 2  # pixels added around subject masks before measuring "outside the subject"
+
+
+def swap_metrics(source: W.Scene, photo: np.ndarray, out: np.ndarray) -> dict:
+    """Metrics of one swapped image `out` against its source photo and scene (one subject)."""
+    subject = source.objects[0]
+    reading = D.detect(out)
+    concepts = [d for d in reading.objects if d.colour == "concept"]
+    best = min(concepts, key=lambda d: math.hypot(d.cx - subject.cx, d.cy - subject.cy)) if concepts else None
+    outside = ~W.subject_mask(source, dilate=GROW)
+    for d in reading.objects:
+        outside &= ~ndimage.binary_dilation(d.mask, iterations=GROW)
+    change = np.abs(out.astype(np.int16) - photo.astype(np.int16)).max(axis=2) > CHANGED
+    old_kept = any(d.colour == subject.colour and d.shape == subject.shape and
+                   math.hypot(d.cx - subject.cx, d.cy - subject.cy) <= PLACE_TOL * 2 for d in reading.objects)
+    m = {"identity": best is not None,
+         "identity_in_place": best is not None and math.hypot(best.cx - subject.cx, best.cy - subject.cy) <= PLACE_TOL,
+         "place_error_px": math.hypot(best.cx - subject.cx, best.cy - subject.cy) if best else float("nan"),
+         "size_error": abs(best.side - subject.side) / subject.side if best else float("nan"),
+         "background_psnr_db": psnr(out, photo, outside) if outside.any() else float("nan"),
+         "leakage": float(change[outside].mean()) if outside.any() else float("nan"),
+         "old_subject_kept": old_kept,
+         "objects_found": len(reading.objects)}
+    return m
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean of every metric over photos (rates for booleans; NaNs -- no concept found -- left out and counted)."""
+    out = {"n": len(rows)}
+    for key in rows[0] if rows else []:
+        vals = [r[key] for r in rows]
+        if isinstance(vals[0], bool):
+            out[key] = float(np.mean(vals))
+        else:
+            finite = [v for v in vals if not (isinstance(v, float) and math.isnan(v))]
+            out[key] = float(np.mean(finite)) if finite else float("nan")
+            if len(finite) < len(vals):
+                out[f"{key}_n"] = len(finite)
+    return out
+
+
+def inversion_psnr(photo: np.ndarray, reconstruction: np.ndarray) -> float:
+    return psnr(reconstruction, photo)
+
+
+def generation_correct(img: np.ndarray, truth: W.Scene) -> dict:
+    """Does a generation for `truth`'s caption show its (single) object's shape and colour, and its background?"""
+    r = D.detect(img, max_objects=1)
+    o = truth.objects[0]
+    got = r.objects[0] if r.objects else None
+    shape, colour = bool(got and got.shape == o.shape), bool(got and got.colour == o.colour)
+    return {"shape": shape, "colour": colour, "shape_and_colour": shape and colour, "bg": r.bg == truth.bg}

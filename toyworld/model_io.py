@@ -1,0 +1,171 @@
+"""The toy model's architecture, the SD1 tokenization ComfyUI uses, and the diffusers folder it is saved as.
+
+Why one module: training (diffusers/transformers classes) and inference (ComfyUI's classes, through the Concept
+Loader or toyworld.comfy_load) must agree exactly on configs, tokenization and file layout; both read them here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+BASE_NAME = "toyworld_base"
+CONCEPT_NAME = "toyworld_sks_square"
+LORA_NAME = "toyworld_sks_square_lora.safetensors"
+EMBEDDING_NAME = "toyworld_sks.safetensors"
+MAX_TOKENS, BOS, EOS = 77, 49406, 49407
+SCALE = 0.18215  # SD1 latent scale: ComfyUI's SD15 latent format multiplies VAE latents by it
+
+TEXT_CONFIG = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4,
+               "num_hidden_layers": 3, "max_position_embeddings": MAX_TOKENS, "hidden_act": "quick_gelu",
+               "projection_dim": 32, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+UNET_CHANNELS = (32, 64, 64, 64)
+UNET_CONFIG = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": UNET_CHANNELS,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": TEXT_CONFIG["hidden_size"],
+    "attention_head_dim": [c // 16 for c in UNET_CHANNELS],  # diffusers' SD1 name for the head COUNT: 16-wide heads
+    "norm_num_groups": 32, "use_linear_projection": False,
+}
+VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+              "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [64, 64, 64, 64],
+              "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 64,
+              "scaling_factor": SCALE}
+SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False,
+                    "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon"}
+
+
+def tokenizer_dir() -> Path:
+    """The real SD1 CLIP tokenizer files, as ComfyUI ships them (comfy/sd1_tokenizer)."""
+    from devtools.comfy_env import comfyui_path
+
+    return comfyui_path() / "comfy" / "sd1_tokenizer"
+
+
+_TOKENIZER = {}
+
+
+def tokenizer():
+    if "tok" not in _TOKENIZER:
+        from transformers import CLIPTokenizer
+
+        _TOKENIZER["tok"] = CLIPTokenizer.from_pretrained(str(tokenizer_dir()))
+    return _TOKENIZER["tok"]
+
+
+def token_ids(text: str) -> list[int]:
+    """Ids the way ComfyUI's SD1 tokenizer builds them: BOS, words, EOS, padded with EOS to 77."""
+    ids = tokenizer()(text)["input_ids"][1:-1][: MAX_TOKENS - 2]
+    return [BOS] + ids + [EOS] * (MAX_TOKENS - 1 - len(ids))
+
+
+def tokenize(texts, cache: dict | None = None) -> torch.Tensor:
+    rows = []
+    for t in texts:
+        if cache is not None and t in cache:
+            rows.append(cache[t])
+            continue
+        row = token_ids(t)
+        if cache is not None:
+            cache[t] = row
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def new_models(seed: int):
+    """(vae, text_encoder, unet) freshly initialised from `seed`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{k: v for k, v in VAE_CONFIG.items() if k != "scaling_factor"})
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    return vae, text, unet
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_component(module, folder: Path, weights_name: str) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    module.save_config(folder) if hasattr(module, "save_config") else module.config.to_json_file(folder / "config.json")
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    save_file(sd, str(folder / weights_name), metadata={"format": "pt"})
+
+
+def _hf_text_key(key: str) -> str:
+    """The key layout of the CLIP checkpoints on the Hub ('text_model.' prefix), whatever transformers calls it."""
+    return key if key.startswith("text_model.") else "text_model." + key
+
+
+def save_diffusers_folder(folder: Path, vae, text, unet, concept: dict | None = None) -> None:
+    """A diffusers StableDiffusionPipeline folder, fp16 weights (what the Concept Loader's `diffusers folder` reads)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    _save_component(unet, folder / "unet", "diffusion_pytorch_model.safetensors")
+    _save_component(vae, folder / "vae", "diffusion_pytorch_model.safetensors")
+    (folder / "text_encoder").mkdir()
+    text.config.to_json_file(str(folder / "text_encoder" / "config.json"))
+    from safetensors.torch import save_file
+
+    te = {_hf_text_key(k): v.detach().to(torch.float16).contiguous() for k, v in text.state_dict().items()}
+    save_file(te, str(folder / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(tokenizer_dir(), folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if concept:
+        (folder / "concept.json").write_text(json.dumps(concept, indent=2) + "\n")
+
+
+def load_diffusers_folder(folder: Path, dtype=torch.float32):
+    """(vae, text_encoder, unet) from a saved folder, for training the concept and for diffusers cross-checks."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+    return vae, text, unet
+
+
+def write_manifest(root: Path = WEIGHTS) -> dict:
+    """SHA256SUMS over every weight/config file under weights/ (sha256sum -c format)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("SHA256SUMS",) and
+                   p.suffix != ".png")
+    lines = [f"{sha256(p)}  {p.relative_to(root).as_posix()}" for p in files]
+    (root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in files}
+
+
+def check_manifest(root: Path = WEIGHTS) -> list[str]:
+    """Files whose sha256 differs from SHA256SUMS (empty = all good)."""
+    bad = []
+    for line in (root / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        path = root / name
+        if not path.is_file() or sha256(path) != digest:
+            bad.append(name)
+    return bad

@@ -1,0 +1,287 @@
+"""Train the toy world's base model from scratch on the CPU, and save it as a diffusers folder (fp16).
+
+One command (seeded; stages in order, nothing downloaded):
+
+    .venv/bin/python -m toyworld.train_base            # writes toyworld/weights/toyworld_base + training_log.json
+
+1. VAE (4 latent channels, x8 downscale) on random crops of world renders; its latents are then re-parametrised
+   exactly (a per-channel affine folded into quant_conv/post_quant_conv) so that latent x 0.18215 -- the SD1 latent
+   format ComfyUI applies -- has zero mean and unit variance per channel.
+2. The training set's latents (VAE mode, as ComfyUI's VAE Encode), then CLIP text encoder + UNet together,
+   epsilon prediction on the SD1 schedule, captions from the grammar re-drawn every epoch, 10 % empty captions
+   (for classifier-free guidance), min-SNR weighting, EMA weights saved.
+3. Curves in training_log.json: losses, the VAE's held-out PSNR, and the detector accuracy of generations for
+   held-out prompts at a few points (diffusers DDIM; the benchmark re-measures everything through ComfyUI).
+
+Token-embedding rows of words outside the world's vocabulary start at zero and stay zero (no gradient reaches
+them): every unknown word, "sks" included, means "nothing" to the base model, and the fp16 file compresses in git.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import model_io as M
+from . import sampling as S
+from . import scene as W
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    threads: int = 2
+    vae_steps: int = 3000
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    n_train: int = 8000
+    unet_steps: int = 4000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    ema: float = 0.999
+    drop_caption: float = 0.1
+    eval_prompts: int = 48
+    eval_every: int = 1000
+    eval_steps: int = 20
+    eval_cfg: float = 7.5
+
+
+def world_vocab() -> list[int]:
+    """Every token id the grammar can produce (plus BOS/EOS), i.e. the rows the text encoder may learn."""
+    words = set("a photo of and on background".split()) | set(W.SHAPES) | set(W.OBJECT_COLOURS) | \
+        set(W.BG_COLOURS) | set(W.TEXTURES) | set(W.SIZE_RANGES)
+    ids = {M.BOS, M.EOS}
+    for w in words:
+        ids.update(M.token_ids(w)[1:-1])
+    return sorted(ids)
+
+
+def zero_unused_rows(text, keep: list[int]) -> None:
+    emb = text.get_input_embeddings().weight
+    with torch.no_grad():
+        mask = torch.ones(emb.shape[0], dtype=torch.bool)
+        mask[keep] = False
+        emb[mask] = 0
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(vae, cfg: Config, log: dict) -> None:
+    """L1 + L2 reconstruction through the posterior mode (deterministic, like ComfyUI's encode), tiny KL.
+
+    Whole 64 px images: the decoder's last GroupNorm has 2 channels per group, so absolute colours reach the
+    output only through spatial context (the image border, other regions), which crops would cut away."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    val = W.render_batch(W.scenes(cfg.seed + 901, 32, "heldout"))
+    opt = torch.optim.AdamW(vae.parameters(), cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    total = cfg.vae_steps
+    curve, t0, c0 = [], time.time(), time.process_time()
+    for step in range(1, total + 1):
+        lr = cfg.vae_lr * min(1.0, step / 100) * (0.5 * (1 + math.cos(math.pi * step / total)) * 0.9 + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = to_tensor(W.render_batch([W.sample_scene(rng) for _ in range(cfg.vae_batch)]))
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.mode()).sample
+        loss = (y - x).abs().mean() + ((y - x) ** 2).mean() + 1e-7 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == total:
+            vae.eval()
+            rec = S.decode(vae, S.encode(vae, val))
+            vae.train()
+            p = float(np.mean([S.psnr(a, b) for a, b in zip(rec, val)]))
+            curve.append({"step": step, "loss": round(loss.item(), 5), "heldout_psnr_db": round(p, 2),
+                          "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)})
+            print(f"[vae] step {step}/{total} loss {loss.item():.4f} held-out PSNR {p:.2f} dB "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    log["vae"] = {"curve": curve, "seconds": round(time.time() - t0, 1),
+                  "cpu_seconds": round(time.process_time() - c0, 1)}
+
+
+@torch.no_grad()
+def calibrate_latents(vae, images: np.ndarray) -> dict:
+    """Fold a per-channel affine into the VAE so that mode latents x SCALE have mean 0 and std 1 per channel."""
+    z = torch.cat([vae.encode(to_tensor(images[i:i + 32])).latent_dist.mode() for i in range(0, len(images), 32)])
+    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+    c = 1.0 / (M.SCALE * std)  # z' = c (z - mean)
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:4] *= c[:, None, None, None]
+    q.bias[:4] = (q.bias[:4] - mean) * c
+    q.bias[4:] += 2 * torch.log(c)  # log-variance follows the scale
+    p.bias += (p.weight[:, :, 0, 0] @ mean)
+    p.weight /= c[None, :, None, None]
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist()}
+
+
+def encode_training_set(vae, cfg: Config):
+    """(latents, scenes) of the training split; the VAE in eval mode."""
+    t0 = time.time()
+    train = [W.sample_scene(np.random.default_rng([cfg.seed, 2, i])) for i in range(cfg.n_train)]
+    lat = torch.cat([S.encode(vae, W.render_batch(train[i:i + 256])) for i in range(0, len(train), 256)])
+    print(f"[data] {len(train)} training latents in {time.time() - t0:.0f} s; std {lat.std():.3f}", flush=True)
+    return lat, train
+
+
+def ema_update(ema: dict, module, decay: float) -> None:
+    with torch.no_grad():
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v, alpha=1 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+def heldout_prompts(cfg: Config, n: int | None = None) -> list[W.Scene]:
+    """Held-out one-object scenes captioned with colour and shape (the acceptance prompts)."""
+    rng = np.random.default_rng(cfg.seed + 77)
+    out = []
+    for _ in range(n or cfg.eval_prompts):
+        sc = W.sample_scene(rng, "heldout")
+        out.append(W.Scene(sc.bg, sc.texture, sc.phase, sc.objects, W.caption_of(sc, rng.random() < 0.5, True)))
+    return out
+
+
+def eval_generations(unet, text, vae, cfg: Config, seed: int) -> dict:
+    """Detector agreement of generations for held-out prompts (diffusers DDIM; the curve's points)."""
+    from .metrics import generation_correct
+
+    scenes_ = heldout_prompts(cfg)
+    imgs = S.generate(unet, text, vae, [s.caption for s in scenes_], cfg.eval_steps, cfg.eval_cfg, seed)
+    rows = [generation_correct(img, sc) for img, sc in zip(imgs, scenes_)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows)}
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(unet, text, vae, latents, train, cfg: Config, log: dict) -> tuple[dict, dict]:
+    """Joint text encoder + UNet training; returns the EMA state dicts (unet, text)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"})
+    acp = sched.alphas_cumprod
+    keep = world_vocab()
+    zero_unused_rows(text, keep)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_t = {k: v.detach().clone() for k, v in text.state_dict().items()}
+    rng, gen = np.random.default_rng(cfg.seed + 3), torch.Generator().manual_seed(cfg.seed + 3)
+    cache, curve, evals, t0 = {}, [], [], time.time()
+    total, run = cfg.unet_steps, 0.0
+    for step in range(1, total + 1):
+        lr = cfg.unet_lr * min(1.0, step / 200) * (0.5 * (1 + math.cos(math.pi * step / total)) * 0.95 + 0.05)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.integers(0, len(train), cfg.unet_batch)
+        caps = [W.with_caption(train[i], rng).caption if rng.random() > cfg.drop_caption else "" for i in idx]
+        x0 = latents[torch.from_numpy(idx)]
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        ctx = text(M.tokenize(caps, cache))[0]
+        eps = unet(xt, t, encoder_hidden_states=ctx).sample
+        loss = (snr_weights(acp, t) * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        ema_update(ema_u, unet, decay)
+        ema_update(ema_t, text, decay)
+        run = 0.98 * run + 0.02 * loss.item() if step > 1 else loss.item()
+        if step % 100 == 0:
+            curve.append({"step": step, "loss_ema": round(run, 5), "seconds": round(time.time() - t0, 1)})
+        if step % cfg.eval_every == 0 or step == total:
+            acc = evaluate_ema(unet, text, vae, ema_u, ema_t, cfg, step)
+            evals.append({"step": step, **acc, "seconds": round(time.time() - t0, 1)})
+            print(f"[unet] step {step}/{total} loss {run:.4f} held-out shape+colour "
+                  f"{acc['shape_and_colour']:.2%} ({time.time() - t0:.0f} s)", flush=True)
+    log["unet"] = {"curve": curve, "evals": evals, "seconds": round(time.time() - t0, 1)}
+    return ema_u, ema_t
+
+
+def evaluate_ema(unet, text, vae, ema_u, ema_t, cfg: Config, step: int) -> dict:
+    live_u = {k: v.clone() for k, v in unet.state_dict().items()}
+    live_t = {k: v.clone() for k, v in text.state_dict().items()}
+    unet.load_state_dict(ema_u)
+    text.load_state_dict(ema_t)
+    unet.eval(), text.eval()
+    acc = eval_generations(unet, text, vae, cfg, seed=step)
+    unet.load_state_dict(live_u)
+    text.load_state_dict(live_t)
+    unet.train(), text.train()
+    return acc
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_start": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f, v in asdict(Config()).items():
+        ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument("--out", type=Path, default=M.WEIGHTS)
+    ap.add_argument("--reuse-vae", type=Path, default=None,
+                    help="iteration aid: load the calibrated VAE from this file if it exists, else train and save it")
+    args = ap.parse_args(argv)
+    cfg = Config(**{f: getattr(args, f) for f in asdict(Config())})
+    torch.set_num_threads(cfg.threads)
+    log = {"config": asdict(cfg), "machine": machine()}
+    t0 = time.time()
+    vae, text, unet = M.new_models(cfg.seed)
+    if args.reuse_vae and args.reuse_vae.is_file():  # iteration aid: stage 1's result from an earlier run
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(str(args.reuse_vae)))
+        log["vae"] = {"reused": str(args.reuse_vae)}
+        vae.eval().requires_grad_(False)
+    else:
+        train_vae(vae, cfg, log)
+        vae.eval().requires_grad_(False)
+        log["latent_calibration"] = calibrate_latents(vae, W.render_batch(W.scenes(cfg.seed + 5, 512)))
+        if args.reuse_vae:
+            from safetensors.torch import save_file
+
+            args.reuse_vae.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(args.reuse_vae))
+    latents, train = encode_training_set(vae, cfg)
+    ema_u, ema_t = train_unet(unet, text, vae, latents, train, cfg, log)
+    unet.load_state_dict(ema_u)
+    text.load_state_dict(ema_t)
+    args.out.mkdir(parents=True, exist_ok=True)
+    M.save_diffusers_folder(args.out / M.BASE_NAME, vae, text, unet)
+    log["seconds_total"] = round(time.time() - t0, 1)
+    log["cpu_seconds_total"] = round(time.process_time(), 1)
+    log["machine"]["load_average_end"] = os.getloadavg()
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(f"[done] {args.out / M.BASE_NAME} in {log['seconds_total'] / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
