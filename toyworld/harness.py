@@ -6,7 +6,6 @@ inversion, recorder and swap sampler node classes (their `execute` through the e
 """
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ import torch
 
 from . import model_io as M
 
-log = logging.getLogger(__name__)
 _STATE: dict = {}
 
 
@@ -70,35 +68,26 @@ class Loaded:
     model: object
     clip: object
     vae: object
-    concept: object  # the CONCEPT (None when the fallback loaded the folder: the words are then typed)
-    how: str  # how the MODEL/CLIP/VAE were loaded (Concept Loader, or the config-driven fallback)
+    concept: object  # the CONCEPT
+    how: str  # which Concept Loader source made them
 
     @property
     def words(self) -> str:
-        return self.concept.words if self.concept is not None else "sks square"
+        return self.concept.words
 
 
 def load_concept(form: str) -> Loaded:
-    """One concept form through the Concept Loader: 'dreambooth' (diffusers folder), 'lora', 'embedding', or 'base'
-    (the base folder with the concept words typed). Diffusers folders the loader refuses (toyworld/CORE_FINDING.md)
-    are loaded by toyworld.comfy_load and the concept node then runs on those objects, and `how` says so."""
+    """One concept form through the Concept Loader: 'dreambooth' (diffusers folder), 'lora' and 'embedding' (on the
+    base folder's MODEL/CLIP), or 'base' (the base folder, concept words typed)."""
     if form in _STATE.get("forms", {}):
         return _STATE["forms"][form]
     loader = node("concept_nodes", "PhotoswapConceptLoader")
     words = {"concept_words": "sks square", "class_word": "square"}
     if form in ("dreambooth", "base"):
         folder = M.CONCEPT_NAME if form == "dreambooth" else M.BASE_NAME
-        try:
-            (model, clip, vae, concept), _ = run_node(loader, source="diffusers folder", diffusers_folder=folder,
-                                                      **words)
-            how = "Concept Loader (diffusers folder)"
-        except Exception as exc:  # the core finding: fall back, and say so
-            from .comfy_load import load_sd1_folder
-
-            log.warning("Concept Loader refused %s (%s); using toyworld.comfy_load", folder, exc)
-            loaded = load_sd1_folder(M.WEIGHTS / folder)
-            model, clip, vae, concept = loaded.model, loaded.clip, loaded.vae, None  # words typed in Prompt Pair
-            how = f"toyworld.comfy_load (Concept Loader refused the folder: {str(exc)[:160]})"
+        (model, clip, vae, concept), _ = run_node(loader, source="diffusers folder", diffusers_folder=folder,
+                                                  **words)
+        how = "Concept Loader (diffusers folder)"
     else:
         base = load_concept("base")
         kwargs = {"lora_name": M.LORA_NAME} if form == "lora" else {"embedding_name": M.EMBEDDING_NAME}
@@ -130,10 +119,9 @@ def decode(vae, latent: dict) -> np.ndarray:
 
 def prompt_pair(loaded: Loaded, source_prompt: str, subject_word: str, target_prompt: str = ""):
     pp = node("prompt_nodes", "PhotoswapPromptPair")
-    extra = {"concept": loaded.concept} if loaded.concept is not None else {}
     (src, tgt, neg, prompts), _ = run_node(pp, clip=loaded.clip, source_prompt=source_prompt,
                                            subject_word=subject_word, concept_words=loaded.words,
-                                           target_prompt=target_prompt, **extra)
+                                           target_prompt=target_prompt, concept=loaded.concept)
     return src, tgt, neg, prompts
 
 
@@ -151,7 +139,8 @@ def invert(loaded: Loaded, latent: dict, src, neg, method: str, steps: int, cfg:
 def record(loaded: Loaded, inversion, src, neg, steps: int, cfg: float = 7.5):
     rec = node("swap_nodes", "PhotoswapAttentionRecorder")
     (trace, source_latent), _ = run_node(rec, model=loaded.model, source_positive=src, negative=neg,
-                                         inversion=inversion, steps=steps, cfg=cfg, record_fraction=1.0)
+                                         inversion=inversion, steps=steps, cfg=cfg, record_fraction=1.0,
+                                         record_self_maps=True)
     return trace, source_latent
 
 

@@ -1,19 +1,21 @@
 """The toy model's architecture, the SD1 tokenization ComfyUI uses, and the diffusers folder it is saved as.
 
-Why one module: training (diffusers/transformers classes) and inference (ComfyUI's classes, through the Concept
-Loader or toyworld.comfy_load) must agree exactly on configs, tokenization and file layout; both read them here.
+Why one module: training (diffusers/transformers classes) and inference (ComfyUI's classes, through the pack's
+Concept Loader) must agree exactly on configs, tokenization and file layout; both read them here.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-WEIGHTS = Path(__file__).resolve().parent / "weights"
+# the committed weights; TOYWORLD_WEIGHTS points the harness and the training scripts elsewhere (development)
+WEIGHTS = Path(os.environ.get("TOYWORLD_WEIGHTS", Path(__file__).resolve().parent / "weights"))
 BASE_NAME = "toyworld_base"
 CONCEPT_NAME = "toyworld_sks_square"
 LORA_NAME = "toyworld_sks_square_lora.safetensors"
