@@ -178,9 +178,9 @@ def plain_custom_pass(model, positive, negative, latent, steps: int, cfg: float 
     import comfy.samplers
     import torch
 
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
 
-    sigmas = build_schedule(model.get_model_object("model_sampling"), steps).sigmas
+    sigmas = ddim_schedule(model.get_model_object("model_sampling"), steps).sigmas
     samples = latent["samples"]
     return comfy.sample.sample_custom(model, torch.zeros_like(samples), cfg, comfy.samplers.sampler_object("euler"),
                                       sigmas, positive, negative, samples, disable_pbar=True)
@@ -232,7 +232,7 @@ def run_benchmark(family="sd15", size=64, steps=50, inner_iterations=10, device=
                 seconds, out = timed(lambda: fn(steps), device)
                 entry = {"seconds": round(seconds, 3), **counter.snapshot()}
                 if name.startswith("inversion_"):
-                    image_vp = latent["samples"].float() * out.model_info.latent_scale
+                    image_vp = latent["samples"].float() * out.arch.latent.scale
                     entry["reconstruction_mse"] = float((out.trajectory[-1] - image_vp).pow(2).mean())
                     if out.inner_iterations:
                         entry["inner_iterations"] = sum(out.inner_iterations)

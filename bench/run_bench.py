@@ -11,7 +11,7 @@ their weights are inference tensors exactly as in the server):
 
 - `plain` (the unit): ComfyUI's stock KSampler path, `nodes.common_ksampler(sampler "ddim", scheduler
   "ddim_uniform")`, N steps, CFG 7.5 — i.e. N UNet calls on a 2-row (cond + uncond) batch.
-- `plain_custom`: `comfy.sample.sample_custom` with KSAMPLER "euler" over our DDIM sigmas (schedule.build_schedule),
+- `plain_custom`: `comfy.sample.sample_custom` with KSAMPLER "euler" over our DDIM sigmas (arch.ddim.ddim_schedule),
   the exact sampling path (minus the Photoswap function and patches) the recorder and the swap use.
 - `inversion_<method>` for ddim, negative_prompt, direct, null_text (`run_inversion`; null_text with
   `--inner-iterations`, early stop as in the reference).
@@ -289,7 +289,7 @@ class Suite:
                                  self.inner if inner is None else inner)
 
     def record(self, inversion, fraction=1.0):
-        from comfyui_photoswap.photoswap_core.swap_sampler import record_trace
+        from comfyui_photoswap.photoswap_core.recorder import record_trace
 
         return record_trace(self.model, self.src, self.neg, inversion.schedule, inversion.settings.cfg,
                             trajectory_vp=inversion.trajectory, null_embeddings=inversion.null_embeddings,

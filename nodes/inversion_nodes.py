@@ -1,49 +1,24 @@
 """Inversion stage: real image latent → PHOTOSWAP_INVERSION (z_T, source trajectory, null embeddings), save / load.
 
 The z_T LATENT output is z_T in ComfyUI's LATENT convention for a sampler that starts at σ_0 = sigmas[0] with noise
-disabled: samples = z_T_VP·√(1+σ_0²)/latent_scale (ComfyUI multiplies by the scale and works in k-space,
-x_k = x_VP·√(1+σ²)). Wire it with the SIGMAS output into a stock SamplerCustom (add_noise off, sampler euler or ddim)
-to continue from the inversion; see docs/inversion.md.
+disabled (for the SD family samples = z_T_VP·√(1+σ_0²)/latent_scale: ComfyUI multiplies by the scale and works in
+k-space, x_k = x_VP·√(1+σ²)). Wire it with the SIGMAS output into a stock SamplerCustom (add_noise off, sampler euler
+or ddim) to continue from the inversion; see docs/inversion.md.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 
-import folder_paths
 from comfy_api.latest import io, ui
 
 from ..photoswap_core.errors import PhotoswapInputError
+from ..photoswap_core.inversion import METHODS, summary, z_t_latent
+from ..photoswap_core.inversion_files import resolve_inversion_file, saved_inversion_files
 from .types import CATEGORY, Inversion
 
 log = logging.getLogger("photoswap")
 
-METHOD_CHOICES = ["null_text", "direct", "negative_prompt", "ddim"]
-SAVE_SUBFOLDER = "photoswap"
-NO_FILES = "(no saved inversions)"
-
-
-def z_t_latent(result) -> dict:
-    """The stock-sampler LATENT of the inversion's z_T (k-space at σ_0, unscaled by the VAE factor)."""
-    sigma0 = float(result.schedule.sigmas[0])
-    return {"samples": (result.z_t.float() * math.sqrt(1.0 + sigma0 * sigma0) / result.model_info.latent_scale)
-            .contiguous()}
-
-
-def _summary(result, image_vp=None) -> str:
-    s = result.settings
-    lines = [f"method {s.method}, {result.schedule.steps} steps, cfg {s.cfg:g}, model {result.model_info.config_name} "
-             f"({result.model_info.prediction}), latent {result.latent_shape[-2]}×{result.latent_shape[-1]}"]
-    if image_vp is not None:
-        diff = (result.trajectory[-1].float() - image_vp.float().cpu())
-        lines.append(f"reconstruction error (VP latent): max |Δ| {float(diff.abs().max()):.3e}, "
-                     f"MSE {float(diff.pow(2).mean()):.3e}")
-    if result.inner_iterations:
-        early = sum(1 for k in result.inner_iterations if k < s.inner_iterations)
-        lines.append(f"inner iterations per step: {list(result.inner_iterations)} ({early} of "
-                     f"{len(result.inner_iterations)} steps stopped early)")
-    return "\n".join(lines)
 
 
 class PhotoswapNullTextInversion(io.ComfyNode):
@@ -83,7 +58,7 @@ class PhotoswapNullTextInversion(io.ComfyNode):
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale of the source pass the inversion must reproduce (7.5 in the "
                                        "paper). 'null_text' needs cfg > 1. Use the same cfg in the swap sampler."),
-                io.Combo.Input("method", options=METHOD_CHOICES, default="null_text",
+                io.Combo.Input("method", options=list(METHODS), default="null_text",
                                tooltip="null_text: optimise a null embedding per step (≈ 10× the model calls of a "
                                        "sampling pass without early stopping; reference behaviour). direct: exact "
                                        "reconstruction with zero extra model calls (source row pinned to the "
@@ -123,32 +98,19 @@ class PhotoswapNullTextInversion(io.ComfyNode):
                 inner_iterations=10, early_stop_epsilon=1e-5, learning_rate=1e-2, vae=None) -> io.NodeOutput:
         import comfy.utils
 
-        from ..photoswap_core.inversion import InversionSettings, progress_total, run_inversion
+        from ..photoswap_core.inversion import InversionSettings, invert_latent, progress_total
 
-        if method not in METHOD_CHOICES:
-            raise PhotoswapInputError("method", f"one of {', '.join(METHOD_CHOICES)} (got {method!r})",
-                                      "pick a listed method")
-        if method == "null_text" and not learning_rate > 0:
-            raise PhotoswapInputError("learning_rate", f"a learning rate > 0 (got {learning_rate})",
-                                      "use 0.01 (the reference's value)")
-        if not isinstance(latent, dict) or "samples" not in latent:
-            raise PhotoswapInputError("latent", "a LATENT (from VAE Encode)", "connect VAE Encode's output")
         settings = InversionSettings(method=method, steps=int(steps), cfg=float(cfg),
                                      inner_iterations=int(inner_iterations),
                                      early_stop_epsilon=float(early_stop_epsilon), learning_rate=float(learning_rate))
-        samples = latent["samples"]
         pbar = comfy.utils.ProgressBar(max(1, progress_total(settings)))
-        result = run_inversion(model, samples, source_positive, negative, settings, progress=lambda k: pbar.update(k))
-        summary = _summary(result, samples.float().cpu() * result.model_info.latent_scale)
-        log.info("Photoswap inversion: %s", summary.replace("\n", "; "))
-        image = None
-        ui_out = {"text": (summary,)}
-        if vae is not None:
-            image = vae.decode(result.trajectory[-1].float() / result.model_info.latent_scale)
-            if image.dim() == 5:  # video VAEs return [B, T, H, W, C]
-                image = image.reshape(-1, *image.shape[-3:])
+        result, z_t, sigmas, image, text = invert_latent(model, latent, source_positive, negative, settings, vae,
+                                                         progress=lambda k: pbar.update(k))
+        log.info("Photoswap inversion: %s", text.replace("\n", "; "))
+        ui_out = {"text": (text,)}
+        if image is not None:
             ui_out.update(ui.PreviewImage(image, cls=cls).as_dict())
-        return io.NodeOutput(result, z_t_latent(result), result.schedule.sigmas.clone(), image, ui=ui_out)
+        return io.NodeOutput(result, z_t, sigmas, image, ui=ui_out)
 
 
 class PhotoswapSaveInversion(io.ComfyNode):
@@ -176,72 +138,10 @@ class PhotoswapSaveInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, filename_prefix="inversion") -> io.NodeOutput:
-        path = save_path(filename_prefix)
-        from ..photoswap_core.inversion_io import save_inversion
+        from ..photoswap_core.inversion_io import save_to_output
 
-        save_inversion(inversion, path)
-        rel = os.path.relpath(path, folder_paths.get_output_directory())
-        log.info("Photoswap: saved the inversion to %s", path)
-        return io.NodeOutput(ui={"text": (f"saved {rel} ({_summary(inversion)})",)})
-
-
-def save_path(filename_prefix: str) -> str:
-    """output/photoswap/<prefix>_NNNNN.safetensors with the next free counter (never outside output/photoswap)."""
-    import re
-
-    root = os.path.join(os.path.abspath(folder_paths.get_output_directory()), SAVE_SUBFOLDER)
-    os.makedirs(root, exist_ok=True)
-    prefix = (filename_prefix or "inversion").strip() or "inversion"
-    try:
-        folder, filename, _, _, _ = folder_paths.get_save_image_path(prefix, root)
-    except Exception as exc:  # noqa: BLE001 — ComfyUI raises a bare Exception for paths outside the folder
-        raise PhotoswapInputError("filename_prefix", f"a file name inside output/{SAVE_SUBFOLDER} (got {prefix!r})",
-                                  "remove '..' and absolute paths from the prefix") from exc
-    os.makedirs(folder, exist_ok=True)
-    pattern = re.compile(rf"^{re.escape(filename)}_(\d+)\.safetensors$")
-    used = [int(m.group(1)) for m in map(pattern.match, os.listdir(folder)) if m]
-    counter = max(used, default=0) + 1
-    return os.path.join(folder, f"{filename}_{counter:05d}.safetensors")
-
-
-def saved_inversion_files() -> list[str]:
-    """Combo entries: output/photoswap/** as 'photoswap/… [output]' (newest first), then input/** .safetensors."""
-    entries = []
-    out_dir = os.path.abspath(folder_paths.get_output_directory())
-    root = os.path.join(out_dir, SAVE_SUBFOLDER)
-    found = []
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if name.endswith(".safetensors"):
-                full = os.path.join(dirpath, name)
-                try:
-                    found.append((-os.path.getmtime(full), os.path.relpath(full, out_dir)))
-                except OSError:
-                    continue
-    entries += [f"{rel.replace(os.sep, '/')} [output]" for _, rel in sorted(found)]
-    in_dir = os.path.abspath(folder_paths.get_input_directory())
-    inputs = []
-    for dirpath, dirs, files in os.walk(in_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        inputs += [os.path.relpath(os.path.join(dirpath, n), in_dir).replace(os.sep, "/")
-                   for n in files if n.endswith(".safetensors")]
-    entries += sorted(inputs)
-    return entries or [NO_FILES]
-
-
-def resolve_inversion_file(name: str) -> str:
-    """Absolute path of a combo entry, refusing anything outside output/photoswap and the input folder."""
-    if not name or name == NO_FILES:
-        raise PhotoswapInputError("inversion_file", "a saved inversion (none found in output/photoswap or input)",
-                                  "run Photoswap Null-Text DDIM Inversion → Photoswap Save Inversion first, or copy a "
-                                  ".safetensors inversion into ComfyUI's input folder, then refresh")
-    path = os.path.abspath(folder_paths.get_annotated_filepath(name))
-    allowed = (os.path.join(os.path.abspath(folder_paths.get_output_directory()), SAVE_SUBFOLDER),
-               os.path.abspath(folder_paths.get_input_directory()))
-    if not any(os.path.commonpath((root, path)) == root for root in allowed):
-        raise PhotoswapInputError("inversion_file", f"a file in output/{SAVE_SUBFOLDER} or the input folder "
-                                                    f"(got {name!r})", "pick a file from the list")
-    return path
+        rel = save_to_output(inversion, filename_prefix)
+        return io.NodeOutput(ui={"text": (f"saved {rel} ({summary(inversion)})",)})
 
 
 class PhotoswapLoadInversion(io.ComfyNode):
@@ -294,16 +194,12 @@ class PhotoswapLoadInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion_file, model, latent=None) -> io.NodeOutput:
-        from ..photoswap_core import inversion_io
+        from ..photoswap_core.inversion_io import load_and_check
 
-        path = resolve_inversion_file(inversion_file)
-        result, _ = inversion_io.load_inversion(path)
-        inversion_io.check_model(result, model)
-        if latent is not None:
-            inversion_io.check_latent(result, latent["samples"])
-        summary = f"loaded {inversion_file}: {_summary(result)}"
+        result, _ = load_and_check(resolve_inversion_file(inversion_file), model, latent)
+        text = f"loaded {inversion_file}: {summary(result)}"
         return io.NodeOutput(result, z_t_latent(result), result.schedule.sigmas.clone(),
-                             result.source_conditioning, result.negative_conditioning, ui={"text": (summary,)})
+                             result.source_conditioning, result.negative_conditioning, ui={"text": (text,)})
 
 
 NODES = [PhotoswapNullTextInversion, PhotoswapSaveInversion, PhotoswapLoadInversion]

@@ -35,12 +35,8 @@ class PhotoswapAttentionPreview(io.ComfyNode):
     @classmethod
     def execute(cls, model, trace, prompts, target_positive, step_fraction=0.5, blend_mask=None) -> io.NodeOutput:
         from ..photoswap_core.preview import attention_previews
-        from ..photoswap_core.swap_sampler import check_trace_matches
 
-        check_trace_matches(model, trace)
-        h, w = trace.latent_shape[-2:]
-        images = attention_previews(model, trace, prompts, target_positive, step_fraction, (h * 8, w * 8),
-                                    blend_mask)
+        images = attention_previews(model, trace, prompts, target_positive, step_fraction, blend_mask)
         return io.NodeOutput(images, ui=ui.PreviewImage(images, cls=cls))
 
 

@@ -3,14 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..photoswap_core.alignment import PromptTokenizer, build_prompt_pair
-from ..photoswap_core.errors import PhotoswapInputError
+from ..photoswap_core.prompts import encode_prompt_pair
 from .types import CATEGORY, Concept, Prompts
-
-
-def _encode(clip, text: str):
-    """Like core CLIPTextEncode."""
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 class PhotoswapPromptPair(io.ComfyNode):
@@ -61,34 +55,8 @@ class PhotoswapPromptPair(io.ComfyNode):
     @classmethod
     def execute(cls, clip, source_prompt, subject_word, concept_words, target_prompt="", negative_prompt="",
                 concept=None) -> io.NodeOutput:
-        if clip is None:
-            raise PhotoswapInputError("clip", "a CLIP model", "connect the CLIP output of a checkpoint loader or of "
-                                      "the Photoswap Concept Loader (a checkpoint without a text encoder has none)")
-        class_word = None
-        if concept is not None:
-            words = getattr(concept, "words", None)
-            if not isinstance(words, str):
-                raise PhotoswapInputError("concept", "a PHOTOSWAP_CONCEPT from the Photoswap Concept Loader",
-                                          f"connect the concept loader's CONCEPT output (got {type(concept).__name__})")
-            if not words.strip():
-                raise PhotoswapInputError("concept", "a concept whose words are set (e.g. 'sks dog')",
-                                          "set the concept words in the Photoswap Concept Loader, or disconnect the "
-                                          "concept and type concept_words")
-            concept_words = words
-            class_word = getattr(concept, "class_word", "") or None  # empty: infer (see alignment docstring)
-
-        pair = build_prompt_pair(PromptTokenizer.from_clip(clip), source_prompt, subject_word, concept_words,
-                                 target_prompt=target_prompt or None, class_word=class_word)
-
-        source = _encode(clip, pair.source_prompt)
-        target = _encode(clip, pair.target_prompt)
-        negative = _encode(clip, negative_prompt or "")
-        width = source[0][0].shape[1]
-        if width != pair.max_len:
-            raise PhotoswapInputError(
-                "clip", f"a CLIP text encoder with a {pair.max_len}-token context (SD1.x, SD2.x, SDXL); this one "
-                f"produced {width} tokens", "use an SD1.x, SD2.x or SDXL model: other model families are not "
-                "supported by Photoswap yet")
+        source, target, negative, pair = encode_prompt_pair(clip, source_prompt, subject_word, concept_words,
+                                                            target_prompt, negative_prompt, concept)
         return io.NodeOutput(source, target, negative, pair)
 
 

@@ -1,17 +1,24 @@
-"""Photoswap Attention Recorder and Attention Swap Sampler: thin wrappers over photoswap_core.swap_sampler."""
+"""Photoswap Attention Recorder and Attention Swap Sampler: thin wrappers over photoswap_core.recorder and
+photoswap_core.swap_sampler."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from .types import CATEGORY, Inversion, Prompts, SourceTrace
 
 
-def _progress(total):
+def _progress():
+    """A sampler callback driving a ComfyUI ProgressBar, made on the first step (when the step count is known)."""
     import comfy.utils
 
-    bar = comfy.utils.ProgressBar(total)
-    return lambda step, x0, x, total_steps: bar.update_absolute(step + 1, total_steps)
+    bars = []
+
+    def callback(step, x0, x, total_steps):
+        if not bars:
+            bars.append(comfy.utils.ProgressBar(total_steps))
+        bars[0].update_absolute(step + 1, total_steps)
+
+    return callback
 
 
 class PhotoswapAttentionRecorder(io.ComfyNode):
@@ -68,37 +75,13 @@ class PhotoswapAttentionRecorder(io.ComfyNode):
     @classmethod
     def execute(cls, model, source_positive, negative, inversion=None, latent=None, seed=8888, steps=50, cfg=7.5,
                 record_fraction=1.0, record_self_maps=False, storage="auto", memory_budget_gb=0.0) -> io.NodeOutput:
-        from ..photoswap_core.errors import PhotoswapInputError
-        from ..photoswap_core.model_adapter import inspect_model
-        from ..photoswap_core.schedule import build_schedule
-        from ..photoswap_core.swap_sampler import check_latent, check_trace_matches, record_trace
+        from ..photoswap_core.recorder import record_source
 
-        info = inspect_model(model)
-        budget = None if memory_budget_gb <= 0 else int(memory_budget_gb * 2**30)
-        if inversion is not None:
-            check_trace_matches(model, inversion, "inversion")
-            steps = inversion.schedule.steps
-            trace = record_trace(model, source_positive, negative, inversion.schedule, inversion.settings.cfg,
-                                 trajectory_vp=inversion.trajectory, null_embeddings=inversion.null_embeddings,
-                                 method=inversion.settings.method, fraction=record_fraction,
-                                 record_self_maps=record_self_maps, budget_bytes=budget, storage=storage,
-                                 callback=_progress(steps))
-        else:
-            if latent is None:
-                raise PhotoswapInputError(
-                    "inversion", "an inversion (real photo) or a latent (synthetic source)",
-                    "connect Photoswap Null-Text DDIM Inversion, or an Empty Latent Image for a synthetic source")
-            import comfy.sample
-
-            samples = latent["samples"]
-            check_latent(samples, "latent")
-            start = comfy.sample.prepare_noise(samples, seed).float()
-            schedule = build_schedule(model.get_model_object("model_sampling"), steps)
-            trace = record_trace(model, source_positive, negative, schedule, cfg, start_latent_vp=start,
-                                 method="synthetic", fraction=record_fraction, record_self_maps=record_self_maps,
-                                 budget_bytes=budget, storage=storage, callback=_progress(steps))
-        source = trace.trajectory[-1] / info.latent_scale
-        return io.NodeOutput(trace, {"samples": source})
+        trace, source = record_source(model, source_positive, negative, inversion=inversion, latent=latent, seed=seed,
+                                      steps=steps, cfg=cfg, fraction=record_fraction,
+                                      record_self_maps=record_self_maps, storage=storage,
+                                      memory_budget_gb=memory_budget_gb, callback=_progress())
+        return io.NodeOutput(trace, source)
 
 
 class PhotoswapAttentionSwapSampler(io.ComfyNode):
@@ -160,16 +143,12 @@ class PhotoswapAttentionSwapSampler(io.ComfyNode):
                 local_blend=True, blend_threshold=0.3, blend_start=0.2, cfg=7.5,
                 force_lockstep=False) -> io.NodeOutput:
         from ..photoswap_core.swap_rules import SwapWindows
-        from ..photoswap_core.swap_sampler import swap
+        from ..photoswap_core.swap_sampler import swap_images
 
         windows = SwapWindows(self_output, self_map, cross_map, local_blend, blend_threshold, blend_start)
-        target, source, mask, mode = swap(model, trace, target_positive, negative, prompts, windows, cfg,
-                                          lockstep=force_lockstep, callback=_progress(trace.steps))
-        h, w = target.shape[-2:]
-        if mask is None:
-            mask = torch.ones(1, 1, h, w)
-        mask = torch.nn.functional.interpolate(mask.float().cpu(), scale_factor=8, mode="nearest")[:, 0]
-        return io.NodeOutput({"samples": target.cpu()}, {"samples": source.cpu()}, mask)
+        swapped, source, mask = swap_images(model, trace, target_positive, negative, prompts, windows, cfg,
+                                            lockstep=force_lockstep, callback=_progress())
+        return io.NodeOutput(swapped, source, mask)
 
 
 NODES = [PhotoswapAttentionRecorder, PhotoswapAttentionSwapSampler]

@@ -46,11 +46,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .clip_tokens import EMBEDDING_PREFIX, content_tokens, primary_tokenizer, split_identifier
+from .clip_tokens import CONTEXT_TOKENS, EMBEDDING_PREFIX, content_tokens, primary_tokenizer, split_identifier
 from .clip_tokens import tokenizer_of  # noqa: F401  (part of this module's API: the prompt stage's tokenizer)
 from .errors import PhotoswapInputError
 
-MAX_TOKENS = 77  # CLIP context length, BOS and EOS included
+MAX_TOKENS = CONTEXT_TOKENS  # the CLIP context, BOS and EOS included
 
 MATCH, MISMATCH, GAP = 1, -1, 0
 _LEFT, _UP, _DIAG = 1, 2, 3  # traceback moves, in the reference's tie preference order
@@ -314,6 +314,34 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
     Every failure raises PhotoswapInputError naming the input and the fix.
     """
     tok = _as_prompt_tokenizer(tokenizer)
+    source_prompt, subject, concept = _required_words(source_prompt, subject_word, concept_words)
+    source_ids = tok.encode(source_prompt)
+    if len(source_ids) > max_len:
+        raise _too_long_error("source_prompt", len(source_ids), max_len, tok, source_ids)
+    subject_ids = tok.content_ids(subject)
+    subject_starts = _occurrences(source_ids, subject_ids, tok)
+    if not subject_starts:
+        raise PhotoswapInputError(
+            "subject_word", f"a word of the source prompt; '{subject}' does not occur in "
+            f"{source_prompt.strip()!r} as a whole word",
+            f"use one of its words: {_words_of(source_prompt)} (or add '{subject}' to the source prompt)")
+    concept_ids = tok.content_ids(concept)
+    _check_embeddings(tok, concept, concept_ids)
+    target, target_ids, concept_starts = _target_side(tok, source_prompt, subject, len(subject_starts), concept,
+                                                      concept_ids, target_prompt, max_len)
+    identifier, cls, target_positions = _identifier_positions(tok, concept, concept_ids, concept_starts, subject,
+                                                              class_word)
+    source_positions = tuple(s + d for s in subject_starts for d in range(len(subject_ids)))
+    mapper, alphas = align_prompts(tok, source_ids, target_ids, max_len)
+    return PromptPair(
+        source_prompt=source_prompt, target_prompt=target, subject_word=subject, concept_words=concept,
+        source_ids=tuple(source_ids), target_ids=tuple(target_ids), mapper=mapper, alphas=alphas,
+        source_subject_positions=source_positions, target_subject_positions=target_positions,
+        class_word=cls, identifier_words=identifier, max_len=max_len)
+
+
+def _required_words(source_prompt, subject_word, concept_words) -> tuple[str, str, str]:
+    """(source prompt, subject word, concept words), each present; concept words with single spaces."""
     source_prompt = source_prompt if isinstance(source_prompt, str) else ""
     if not source_prompt.strip():
         raise PhotoswapInputError("source_prompt", "a prompt describing the source image (e.g. 'A photo of a cat')",
@@ -326,41 +354,30 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
     if not concept:
         raise PhotoswapInputError("concept_words", "the words that name the new concept (e.g. 'sks dog')",
                                   "type the concept words or connect a PHOTOSWAP_CONCEPT from the concept loader")
+    return source_prompt, subject, concept
 
-    source_ids = tok.encode(source_prompt)
-    if len(source_ids) > max_len:
-        raise _too_long_error("source_prompt", len(source_ids), max_len, tok, source_ids)
 
-    subject_ids = tok.content_ids(subject)
-    subject_starts = _occurrences(source_ids, subject_ids, tok)
-    if not subject_starts:
-        raise PhotoswapInputError(
-            "subject_word", f"a word of the source prompt; '{subject}' does not occur in "
-            f"{source_prompt.strip()!r} as a whole word",
-            f"use one of its words: {_words_of(source_prompt)} (or add '{subject}' to the source prompt)")
-
-    concept_ids = tok.content_ids(concept)
-    _check_embeddings(tok, concept, concept_ids)
-
+def _target_side(tok, source_prompt, subject, subject_count, concept, concept_ids, target_prompt, max_len):
+    """(target prompt, its ids, start indices of the concept words in it): the explicit target prompt, or the source
+    prompt with the subject word replaced by the concept words."""
     explicit = target_prompt is not None and bool(target_prompt.strip())
     if explicit:
         target = target_prompt
     else:
-        if len(subject_starts) > 1:
+        if subject_count > 1:
             raise PhotoswapInputError(
                 "target_prompt", f"an explicit target prompt, because the subject word '{subject}' occurs "
-                f"{len(subject_starts)} times in the source prompt and the automatic replacement would be ambiguous",
+                f"{subject_count} times in the source prompt and the automatic replacement would be ambiguous",
                 f"write the target prompt yourself with the concept words '{concept}' where the subject should change "
                 f"(or make '{subject}' occur once in the source prompt)")
         target = make_target_prompt(source_prompt, subject, concept)
-
     target_ids = tok.encode(target)
     if len(target_ids) > max_len:
         name = "target_prompt" if explicit else "concept_words"
-        fix_hint = "" if explicit else " (the target prompt is the source prompt with the subject word replaced by the concept words)"
+        fix_hint = "" if explicit else (" (the target prompt is the source prompt with the subject word replaced by "
+                                        "the concept words)")
         err = _too_long_error("target_prompt", len(target_ids), max_len, tok, target_ids)
         raise PhotoswapInputError(name, err.expected + fix_hint, err.fix)
-
     concept_starts = _occurrences(target_ids, concept_ids, tok)
     if not concept_starts:
         if explicit:
@@ -371,7 +388,11 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
         raise PhotoswapInputError(  # cannot happen for plain words; guards odd tokenizations
             "concept_words", f"words that survive tokenization inside the target prompt {target!r}",
             "use plain words for the concept (letters and digits)")
+    return target, target_ids, concept_starts
 
+
+def _identifier_positions(tok, concept, concept_ids, concept_starts, subject, class_word):
+    """(identifier words, class word, target token positions of the identifier in every concept occurrence)."""
     split = split_identifier(concept, class_word, subject_word=subject)
     identifier, cls = split.identifier or concept, split.class_word
     identifier_ids = tok.content_ids(identifier)
@@ -379,15 +400,8 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
     offset = offsets[0] if offsets else 0
     if not offsets:  # tokenization of the identifier differs inside the concept words: use all concept tokens
         identifier, identifier_ids = concept, concept_ids
-    target_positions = tuple(s + offset + d for s in concept_starts for d in range(len(identifier_ids)))
-    source_positions = tuple(s + d for s in subject_starts for d in range(len(subject_ids)))
-
-    mapper, alphas = align_prompts(tok, source_ids, target_ids, max_len)
-    return PromptPair(
-        source_prompt=source_prompt, target_prompt=target, subject_word=subject, concept_words=concept,
-        source_ids=tuple(source_ids), target_ids=tuple(target_ids), mapper=mapper, alphas=alphas,
-        source_subject_positions=source_positions, target_subject_positions=target_positions,
-        class_word=cls, identifier_words=identifier, max_len=max_len)
+    positions = tuple(s + offset + d for s in concept_starts for d in range(len(identifier_ids)))
+    return identifier, cls, positions
 
 
 def _check_embeddings(tok: PromptTokenizer, concept: str, concept_ids: list[int]) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .errors import PhotoswapInputError
 
 EMBEDDING_PREFIX = "embedding:"  # ComfyUI's prompt syntax for a textual-inversion embedding
+CONTEXT_TOKENS = 77  # the CLIP text encoders' context length, start and end tokens included
 _PRIMARY_ORDER = {"clip_l": 0, "clip_h": 1, "clip_g": 2}
 
 

@@ -6,7 +6,8 @@ Methods:
 - `direct`: DDIM inversion only; the source trajectory is the inversion latents themselves (pinned), null = "".
 - `negative_prompt`: null embedding := source prompt embedding at every step (no optimisation).
 - `ddim`: plain DDIM inversion with the "" null, for comparison.
-All latents here are VP latents (VAE latent × scale factor), float32, on the model's device.
+All latents here are model-space latents (for the SD family the VP latent, VAE latent × scale factor), float32, on
+the model's device; the steps are the architecture adapter's (`arch.move`).
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .arch import Schedule, inspect_model
 from .errors import PhotoswapInputError
-from .model_adapter import DirectEvaluator
-from .schedule import DDIMSchedule
+from .evaluator import DirectEvaluator
 
-METHODS = ("null_text", "direct", "negative_prompt", "ddim")
+METHODS = ("null_text", "direct", "negative_prompt", "ddim")  # the node's choice list
 
 
 @dataclass
@@ -35,8 +36,8 @@ class InversionSettings:
 
 @dataclass
 class InversionOutput:
-    inversion_latents: list  # N+1 VP latents: index 0 = image latent, N = z_T
-    trajectory: list  # N+1 VP latents the source row takes: index i = latent entering step i, N = reconstruction
+    inversion_latents: list  # N+1 model-space latents: index 0 = image latent, N = z_T
+    trajectory: list  # N+1 model-space latents the source row takes: index i = latent entering step i, N = reconstruction
     null_embeddings: torch.Tensor  # [N, 1, 77, C] float32 (CPU)
     inner_iterations: list = field(default_factory=list)  # null_text: iterations run per step
     losses: list = field(default_factory=list)  # null_text: pre-update loss of every iteration, per step
@@ -48,14 +49,8 @@ def _check_interrupt():
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def ddim_step(x_vp, eps, alpha_from: float, alpha_to: float):
-    """Deterministic DDIM move of x from ᾱ_from to ᾱ_to with noise estimate eps (either direction)."""
-    x0 = (x_vp - math.sqrt(1.0 - alpha_from) * eps) / math.sqrt(alpha_from)
-    return math.sqrt(alpha_to) * x0 + math.sqrt(1.0 - alpha_to) * eps
-
-
 @torch.no_grad()
-def ddim_invert(evaluator: DirectEvaluator, schedule: DDIMSchedule, image_latent, cond_kwargs, progress=None):
+def ddim_invert(evaluator: DirectEvaluator, schedule: Schedule, image_latent, cond_kwargs, progress=None):
     """DDIM inversion, cond only, no guidance: step i evaluates ε at the destination timestep on the current latent."""
     n = schedule.steps
     latents = [image_latent]
@@ -63,8 +58,9 @@ def ddim_invert(evaluator: DirectEvaluator, schedule: DDIMSchedule, image_latent
     for i in range(n):
         _check_interrupt()
         src, dst = n - i, n - 1 - i  # sigma indices: σ(0) → σ(t_{N-1}) = σ(1) → … → σ(t_0)
-        eps = evaluator.eps(x, float(schedule.sigmas[dst]), **cond_kwargs)
-        x = ddim_step(x, eps, schedule.alpha_bar(src), schedule.alpha_bar(dst))
+        sigma_dst = float(schedule.sigmas[dst])
+        eps = evaluator.eps(x, sigma_dst, **cond_kwargs)
+        x = evaluator.arch.move(x, eps, float(schedule.sigmas[src]), sigma_dst)
         latents.append(x)
         if progress:
             progress(1)
@@ -115,6 +111,7 @@ def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, 
     """
     n = schedule.steps
     guidance = settings.cfg
+    move = evaluator.arch.move
     y = cond_kwargs.get("y")
     y = None if y is None else _as_normal(y)
     y_u = y if uncond_y is None else _as_normal(uncond_y)
@@ -125,8 +122,7 @@ def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, 
     kept, iterations, losses = [], [], []
     with grad_capable(evaluator):
         for i in range(n if max_steps is None else min(n, max_steps)):
-            sigma = float(schedule.sigmas[i])
-            a_cur, a_next = schedule.alpha_bar(i), schedule.alpha_bar(i + 1)
+            sigma, sigma_next = float(schedule.sigmas[i]), float(schedule.sigmas[i + 1])
             target = _as_normal(inversion_latents[n - i - 1])
             embedding = embedding.detach().clone().requires_grad_(True)
             optimizer = torch.optim.Adam([embedding], lr=settings.learning_rate * (1.0 - i / (2.0 * n)))
@@ -138,7 +134,7 @@ def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, 
                 _check_interrupt()
                 eps_uncond = evaluator.eps(x, sigma, embedding, y_u)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-                prev = ddim_step(x, eps, a_cur, a_next)
+                prev = move(x, eps, sigma, sigma_next)
                 loss = torch.nn.functional.mse_loss(prev, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -156,7 +152,7 @@ def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, 
             kept.append(embedding.detach().clone())
             with torch.no_grad():
                 eps_uncond = evaluator.eps(x, sigma, kept[-1], y_u)
-                x = ddim_step(x, eps_uncond + guidance * (eps_cond - eps_uncond), a_cur, a_next)
+                x = move(x, eps_uncond + guidance * (eps_cond - eps_uncond), sigma, sigma_next)
             trajectory.append(x.detach().clone())
     return kept, trajectory, iterations, losses
 
@@ -173,7 +169,7 @@ def cfg_trajectory(evaluator, schedule, z_t, cond_kwargs, null_embeddings, guida
         sigma = float(schedule.sigmas[i])
         eps_c = evaluator.eps(x, sigma, cond_kwargs["c_crossattn"], y)
         eps_u = evaluator.eps(x, sigma, null_embeddings[i], y_u)
-        x = ddim_step(x, eps_u + guidance * (eps_c - eps_u), schedule.alpha_bar(i), schedule.alpha_bar(i + 1))
+        x = evaluator.arch.move(x, eps_u + guidance * (eps_c - eps_u), sigma, float(schedule.sigmas[i + 1]))
         trajectory.append(x)
         if progress:
             progress(1)
@@ -190,7 +186,7 @@ def progress_total(settings: InversionSettings) -> int:
     return 2 * n
 
 
-def invert(model, schedule: DDIMSchedule, image_latent_vp, source_entry, null_entry, settings: InversionSettings,
+def invert(model, schedule: Schedule, image_latent_vp, source_entry, null_entry, settings: InversionSettings,
            progress=None) -> InversionOutput:
     """Run one inversion. `source_entry` / `null_entry` are single CONDITIONING entries (tensor, options)."""
     if settings.method not in METHODS:
@@ -228,13 +224,13 @@ def invert(model, schedule: DDIMSchedule, image_latent_vp, source_entry, null_en
 @dataclass
 class InversionResult:
     """PHOTOSWAP_INVERSION: everything a source pass needs to reproduce the inverted image."""
-    schedule: DDIMSchedule
-    model_info: object  # model_adapter.ModelInfo
+    schedule: Schedule
+    arch: object  # arch.Architecture of the model it was made with
     settings: InversionSettings
     latent_shape: tuple  # (1, 4, h, w)
-    trajectory: list  # N+1 VP latents (CPU float32); trajectory[0] = z_T, trajectory[N] = reconstruction
-    inversion_latents: list  # N+1 VP latents of the DDIM inversion (index 0 = image latent, N = z_T)
-    null_embeddings: torch.Tensor  # [N, 1, 77, C] float32 CPU
+    trajectory: list  # N+1 model-space latents (CPU float32); trajectory[0] = z_T, trajectory[N] = reconstruction
+    inversion_latents: list  # N+1 model-space latents of the DDIM inversion (index 0 = image latent, N = z_T)
+    null_embeddings: torch.Tensor  # [N, 1, T, C] float32 CPU
     source_conditioning: list  # the CONDITIONING the inversion was made with
     negative_conditioning: list
     weights_fingerprint: str
@@ -256,32 +252,76 @@ def latent_fingerprint(latent: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def run_inversion(model, latent_samples, source_positive, negative, settings: InversionSettings,
-                  progress=None) -> InversionResult:
-    """Validate inputs and invert a LATENT (unscaled VAE latent, batch 1) into an InversionResult."""
-    from .model_adapter import inspect_model
-    from .schedule import build_schedule
-    from .swap_sampler import check_latent, model_prompt, weights_fingerprint
-
-    info = inspect_model(model)
-    check_latent(latent_samples, "latent")
+def validate_settings(settings: InversionSettings) -> None:
+    if settings.method not in METHODS:
+        raise PhotoswapInputError("method", f"one of {', '.join(METHODS)} (got {settings.method!r})",
+                                  "pick a listed method")
     if settings.cfg <= 0:
         raise PhotoswapInputError("cfg", f"a guidance scale > 0 (got {settings.cfg})", "use 7.5 (the paper's value)")
-    if settings.method == "null_text" and settings.cfg == 1.0:
+    if settings.method != "null_text":
+        return
+    if not settings.learning_rate > 0:
+        raise PhotoswapInputError("learning_rate", f"a learning rate > 0 (got {settings.learning_rate})",
+                                  "use 0.01 (the reference's value)")
+    if settings.cfg == 1.0:
         raise PhotoswapInputError(
             "cfg", "cfg > 1 for null-text inversion (the optimised null embedding acts only through the "
                    "unconditional branch, which is skipped at cfg 1)", "use 7.5, or method 'direct'")
-    if settings.method == "null_text" and settings.inner_iterations < 1:
+    if settings.inner_iterations < 1:
         raise PhotoswapInputError("inner_iterations", "at least 1", "use 10 (the reference's value)")
-    src_entry = model_prompt(model, source_positive, "source_positive")
-    neg_entry = model_prompt(model, negative, "negative")
-    schedule = build_schedule(model.get_model_object("model_sampling"), settings.steps)
-    image_vp = latent_samples.float() * info.latent_scale
-    out = invert(model, schedule, image_vp, src_entry, neg_entry, settings, progress)
+
+
+def run_inversion(model, latent_samples, source_positive, negative, settings: InversionSettings,
+                  progress=None) -> InversionResult:
+    """Validate inputs and invert a LATENT (unscaled VAE latent, batch 1) into an InversionResult."""
+    arch = inspect_model(model)
+    arch.check_latent(latent_samples, "latent")
+    validate_settings(settings)
+    src_entry = arch.prompt_entry(model, source_positive, "source_positive")
+    neg_entry = arch.prompt_entry(model, negative, "negative")
+    schedule = arch.schedule(model, settings.steps)
+    image = arch.to_model_space(latent_samples)
+    out = invert(model, schedule, image, src_entry, neg_entry, settings, progress)
     return InversionResult(
-        schedule=schedule, model_info=info, settings=settings, latent_shape=tuple(latent_samples.shape),
+        schedule=schedule, arch=arch, settings=settings, latent_shape=tuple(latent_samples.shape),
         trajectory=[t.float().cpu() for t in out.trajectory],
         inversion_latents=[t.float().cpu() for t in out.inversion_latents],
         null_embeddings=out.null_embeddings, source_conditioning=source_positive, negative_conditioning=negative,
-        weights_fingerprint=weights_fingerprint(model), latent_fingerprint=latent_fingerprint(latent_samples),
+        weights_fingerprint=arch.weights_fingerprint(model), latent_fingerprint=latent_fingerprint(latent_samples),
         inner_iterations=list(out.inner_iterations))
+
+
+def invert_latent(model, latent, source_positive, negative, settings: InversionSettings, vae=None, progress=None):
+    """The inversion node's stage: (result, z_T LATENT, sigmas, decoded reconstruction or None, summary text)."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise PhotoswapInputError("latent", "a LATENT (from VAE Encode)", "connect VAE Encode's output")
+    samples = latent["samples"]
+    result = run_inversion(model, samples, source_positive, negative, settings, progress)
+    text = summary(result, result.arch.to_model_space(samples.cpu()))
+    image = None
+    if vae is not None:
+        image = vae.decode(result.arch.to_latent(result.trajectory[-1].float()))
+        if image.dim() == 5:  # video VAEs return [B, T, H, W, C]
+            image = image.reshape(-1, *image.shape[-3:])
+    return result, z_t_latent(result), result.schedule.sigmas.clone(), image, text
+
+
+def z_t_latent(result: InversionResult) -> dict:
+    """The LATENT a stock sampler (noise off, first sigma σ_0 = sigmas[0]) starts from to continue at z_T."""
+    return {"samples": result.arch.stock_start_latent(result.z_t, float(result.schedule.sigmas[0]))}
+
+
+def summary(result: InversionResult, image_latent=None) -> str:
+    """What the inversion node shows: method, size, reconstruction error, inner iterations."""
+    s = result.settings
+    lines = [f"method {s.method}, {result.schedule.steps} steps, cfg {s.cfg:g}, model {result.arch.config_name} "
+             f"({result.arch.prediction}), latent {result.latent_shape[-2]}×{result.latent_shape[-1]}"]
+    if image_latent is not None:
+        diff = (result.trajectory[-1].float() - image_latent.float().cpu())
+        lines.append(f"reconstruction error ({result.arch.latent.space}): max |Δ| {float(diff.abs().max()):.3e}, "
+                     f"MSE {float(diff.pow(2).mean()):.3e}")
+    if result.inner_iterations:
+        early = sum(1 for k in result.inner_iterations if k < s.inner_iterations)
+        lines.append(f"inner iterations per step: {list(result.inner_iterations)} ({early} of "
+                     f"{len(result.inner_iterations)} steps stopped early)")
+    return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Save / load a PHOTOSWAP_INVERSION (`inversion.InversionResult`) as one safetensors file with a JSON header.
 
 File layout (format "photoswap-inversion", version 1). Tensors:
-- `trajectory` [N+1, 1, 4, h, w], `inversion_latents` [N+1, 1, 4, h, w], `null_embeddings` [N, 1, 77, C];
+- `trajectory` [N+1, 1, C, h, w], `inversion_latents` [N+1, 1, C, h, w], `null_embeddings` [N, 1, T, C];
 - `schedule.sigmas` [N+1] float32, `schedule.timesteps` [N] int64;
 - `source.cond` / `negative.cond` (the CONDITIONING tensors, dtype as given) and every tensor in their options dicts
   as `source.options.<key>` / `negative.options.<key>` (SDXL's `pooled_output`, …).
@@ -22,7 +22,7 @@ Compatibility checks (used by the Load node and by stages that consume an invers
 - `check_model`: model family and prediction type must match (error); the weights fingerprint must match (error:
   an inversion is only exact for the weights it was made with — "load the same checkpoint/LoRAs, or re-run the
   inversion"). The fingerprint covers the diffusion weights as loaded plus the LoRA patch list.
-- `check_latent`: the latent size must match (error); a different latent fingerprint at the same size only warns (the
+- `check_latent_matches`: the latent size must match (error); a different latent fingerprint at the same size only warns (the
   same image re-encoded on another device differs in the last bits).
 - `check_steps`: the step count must match (error).
 """
@@ -130,7 +130,7 @@ def to_file_parts(result) -> tuple[dict, dict]:
         "steps": result.schedule.steps,
         "cfg": settings["cfg"],
         "settings": settings,
-        "model": dataclasses.asdict(result.model_info),
+        "model": dataclasses.asdict(result.arch.info),
         "latent_shape": list(result.latent_shape),
         "weights_fingerprint": result.weights_fingerprint,
         "latent_fingerprint": result.latent_fingerprint,
@@ -158,6 +158,17 @@ def save_inversion(result, path) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_to_output(result, filename_prefix: str) -> str:
+    """Save Inversion's stage: write to output/photoswap/<prefix>_NNNNN.safetensors; the path relative to output."""
+    import folder_paths
+
+    from .inversion_files import save_path
+
+    path = save_inversion(result, save_path(filename_prefix))
+    log.info("Photoswap: saved the inversion to %s", path)
+    return os.path.relpath(path, folder_paths.get_output_directory())
 
 
 # ------------------------------------------------------------------------------------------------------------ load
@@ -226,14 +237,14 @@ def _rebuild_conditioning(role: str, tensors: dict, meta: dict, path) -> list:
 def from_file_parts(tensors: dict, meta: dict, path="<memory>"):
     """Rebuild an InversionResult, checking that every part is present and consistent."""
     from .inversion import METHODS, InversionResult, InversionSettings
-    from .model_adapter import ModelInfo
-    from .schedule import DDIMSchedule
+    from .arch import ModelInfo, Schedule, from_info
 
     try:
         settings_fields = {f.name for f in dataclasses.fields(InversionSettings)}
         settings = InversionSettings(**{k: v for k, v in meta["settings"].items() if k in settings_fields})
         model_fields = {f.name for f in dataclasses.fields(ModelInfo)}
         info = ModelInfo(**{k: v for k, v in meta["model"].items() if k in model_fields})
+        arch = from_info(info)
         latent_shape = tuple(int(v) for v in meta["latent_shape"])
         trajectory = tensors["trajectory"]
         inversion_latents = tensors["inversion_latents"]
@@ -266,7 +277,7 @@ def from_file_parts(tensors: dict, meta: dict, path="<memory>"):
     if problems:
         raise _corrupt(path, "; ".join(problems))
     return InversionResult(
-        schedule=DDIMSchedule(timesteps=timesteps, sigmas=sigmas), model_info=info, settings=settings,
+        schedule=Schedule(timesteps=timesteps, sigmas=sigmas), arch=arch, settings=settings,
         latent_shape=latent_shape, trajectory=list(trajectory.unbind(0)),
         inversion_latents=list(inversion_latents.unbind(0)), null_embeddings=nulls, source_conditioning=source,
         negative_conditioning=negative, weights_fingerprint=weights_fp, latent_fingerprint=latent_fp,
@@ -283,38 +294,37 @@ def load_inversion(path):
 
 def check_model(result, model, input_name: str = "model") -> None:
     """The connected MODEL must be the model the inversion was made with (family, prediction, weights)."""
-    from .model_adapter import inspect_model
-    from .swap_sampler import weights_fingerprint
+    from .arch import inspect_model
 
-    info = inspect_model(model)
-    saved = result.model_info
-    if info.family != saved.family or info.prediction != saved.prediction:
-        raise PhotoswapInputError(
-            input_name, f"a {saved.family} ({saved.config_name}, {saved.prediction}-prediction) model like the one "
-                        f"the inversion was made with (got {info.family}: {info.config_name}, "
-                        f"{info.prediction}-prediction)",
-            "connect the checkpoint the inversion was made with, or re-run the inversion with this model")
-    if weights_fingerprint(model) != result.weights_fingerprint:
-        raise PhotoswapInputError(
-            input_name, "the model weights the inversion was made with (the weights fingerprint differs: another "
-                        "checkpoint, other LoRAs/strengths, or another weight precision)",
-            "load the same checkpoint/LoRAs, or re-run the inversion")
+    inspect_model(model).check_same_model(model, result.arch, result.weights_fingerprint, input_name,
+                                          "the inversion", "load the same checkpoint/LoRAs, or re-run the inversion")
 
 
-def check_latent(result, latent_samples: torch.Tensor, input_name: str = "latent") -> None:
+def check_latent_matches(result, latent_samples: torch.Tensor, input_name: str = "latent") -> None:
     """The latent's size must be the inverted latent's; a different image of the same size only warns."""
     from .inversion import latent_fingerprint
 
     shape = tuple(latent_samples.shape)
     if shape[-2:] != tuple(result.latent_shape[-2:]):
         h, w = result.latent_shape[-2:]
+        ph, pw = result.arch.latent.pixels((h, w))
+        gh, gw = result.arch.latent.pixels(shape[-2:])
         raise PhotoswapInputError(
-            input_name, f"a latent of {h}×{w} (= {w * 8}×{h * 8} px), the size of the inverted image (got "
-                        f"{shape[-2]}×{shape[-1]} = {shape[-1] * 8}×{shape[-2] * 8} px)",
+            input_name, f"a latent of {h}×{w} (= {pw}×{ph} px), the size of the inverted image (got "
+                        f"{shape[-2]}×{shape[-1]} = {gw}×{gh} px)",
             "use the image the inversion was made from (same size), or re-run the inversion for this image")
     if latent_fingerprint(latent_samples) != result.latent_fingerprint:
         log.warning("Photoswap: this latent differs from the one that was inverted (same size, other values); the "
                     "inversion reconstructs the original image, not this one")
+
+
+def load_and_check(path, model, latent=None):
+    """The Load Inversion node's stage: read `path`, check it against the MODEL (and the latent's size)."""
+    result, meta = load_inversion(path)
+    check_model(result, model)
+    if latent is not None:
+        check_latent_matches(result, latent["samples"])
+    return result, meta
 
 
 def check_steps(result, steps: int, input_name: str = "steps") -> None:

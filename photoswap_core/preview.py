@@ -1,13 +1,15 @@
 """Attention previews for choosing words and windows: the subject/concept token cross-attention maps and the top
-SVD component of the self-attention maps (paper Fig. 3), at the LocalBlend level (level 2)."""
+SVD component of the self-attention maps (paper Fig. 3), at the LocalBlend layers the architecture adapter names."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from . import swap_rules
-from .attention_patch import explicit_cross_maps, transformer_layers
-from .model_adapter import DirectEvaluator
+from .attention_patch import explicit_cross_maps
+from .evaluator import DirectEvaluator
+from .swap_sampler import check_trace
 
 
 def _normalise(m: torch.Tensor) -> torch.Tensor:
@@ -17,35 +19,33 @@ def _normalise(m: torch.Tensor) -> torch.Tensor:
 
 
 class _Capture:
-    def __init__(self, columns):
+    """Replace patches that keep the cond row's maps at the blend layers and compute plain attention."""
+
+    def __init__(self, arch, columns):
+        self.arch = arch
         self.columns = columns
         self.cross = []
         self.self_maps = []
 
-    def patch(self, kind):
-        from comfy.ldm.modules.attention import optimized_attention
-
+    def patch(self, role, layer, prior):
         def fn(q, k, v, extra):
-            level = swap_rules.layer_level(extra)
             heads = extra["n_heads"]
-            if swap_rules.blend_layer(level, extra["block"][0]):
-                grid = tuple(extra["activations_shape"][2:])
+            if self.arch.blend_layer(self.arch.layer_level(extra), extra):
+                grid = self.arch.token_grid(extra)
                 maps = explicit_cross_maps(q[-1:], k[-1:], heads, torch.float32)  # last row: the cond row
-                if kind == "attn2":
+                if role == "cross":
                     self.cross.append((maps[..., self.columns].sum(-1).mean(1)[0], grid))
                 else:
                     self.self_maps.append((maps.mean(1)[0], grid))
-            return optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"))
+            return self.arch.attention(q, k, v, extra)
         return fn
 
 
-def _maps_at(model, trace, step, conditioning, columns):
-    capture = _Capture(columns)
+def _maps_at(model, arch, trace, step, conditioning, columns):
+    capture = _Capture(arch, columns)
     patched = model.clone()
-    for layer in transformer_layers(patched.model.diffusion_model):
-        for kind in ("attn1", "attn2"):
-            patched.set_model_patch_replace(capture.patch(kind), kind, *layer)
-    evaluator = DirectEvaluator(patched, trace.latent_shape)
+    arch.install_attention_patches(patched, capture.patch)
+    evaluator = DirectEvaluator(patched, trace.latent_shape, arch=arch)
     kwargs = evaluator.model_kwargs(conditioning[0])
     x = trace.trajectory[step].to(evaluator.device)
     with torch.no_grad():
@@ -53,13 +53,16 @@ def _maps_at(model, trace, step, conditioning, columns):
     return capture
 
 
-def attention_previews(model, trace, prompts, target_positive, step_fraction: float, image_hw: tuple,
+def attention_previews(model, trace, prompts, target_positive, step_fraction: float,
                        blend_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """IMAGE batch [4, H, W, 3]: source subject map, target concept map (on the source layout), LocalBlend mask,
-    top SVD component of the source self-attention maps; each normalised to [0, 1]."""
+    """IMAGE batch [4, H, W, 3] at image size: source subject map, target concept map (on the source layout),
+    LocalBlend mask, top SVD component of the source self-attention maps; each normalised to [0, 1]."""
+    arch = check_trace(model, trace)
+    image_hw = arch.latent.pixels(trace.latent_shape[-2:])
     step = min(trace.steps - 1, max(0, int(step_fraction * trace.steps)))
-    src = _maps_at(model, trace, step, trace.source_conditioning, list(prompts.source_subject_positions))
-    tgt = _maps_at(model, trace, step, target_positive, list(prompts.target_subject_positions))
+    maps_at = functools.partial(_maps_at, model, arch, trace, step)
+    src = maps_at(trace.source_conditioning, list(prompts.source_subject_positions))
+    tgt = maps_at(target_positive, list(prompts.target_subject_positions))
     h, w = src.cross[0][1]
     src_map = torch.stack([m for m, _ in src.cross]).mean(0).reshape(h, w)
     tgt_map = torch.stack([m for m, _ in tgt.cross]).mean(0).reshape(h, w)

@@ -3,12 +3,12 @@
 Step i of N (0-based); fractions out = self-output, map = self-map, cross = cross-map:
 - self-attention output: i ≤ int(out·N), inclusive, every self-attention layer, both CFG halves. (out = 0 disables it:
   the reference would still swap step 0; we treat 0 as "off" so that zero windows mean plain sampling.)
-- self-attention map: i < int((out + map)·N) (the windows add), cond half only, layers at level ≥ 1.
+- self-attention map: i < int((out + map)·N) (the windows add), cond half only, the self-map layers.
 - cross-attention map: i < int(cross·(N+1)) (the reference sizes its table N+1), every cross layer, cond half only.
-- LocalBlend after step i when i ≥ int(start·N), from the level-2 cross maps of the down and up blocks.
+- LocalBlend after step i when i ≥ int(start·N), from the cross maps of the blend layers.
 
-Levels are relative to the latent: level 0 = full latent resolution, each downsampling adds 1. At 512 px on SD1.x
-this reproduces the reference's absolute rules ("≤ 32² query tokens" = level ≥ 1; "the 16×16 maps" = level 2).
+Which layers are "self-map layers" and "blend layers" is a fact of the model family: the architecture adapter
+(`arch`) answers it by level (level 0 = full latent resolution, each downsampling adds 1).
 """
 from __future__ import annotations
 
@@ -64,24 +64,3 @@ def blend_active(step: int, steps: int, windows: SwapWindows) -> bool:
 def recorded_windows(fraction: float) -> SwapWindows:
     """The widest windows a trace recorded up to `fraction` serves (what the recorder must store)."""
     return SwapWindows(self_output=fraction, self_map=0.0, cross_map=fraction, local_blend=True)
-
-
-def layer_level(extra_options: dict) -> int:
-    """How many times the latent was downsampled at this attention layer (0 = full latent resolution)."""
-    full = extra_options["original_shape"][2]
-    here = extra_options["activations_shape"][2]
-    level = 0
-    while full > here:
-        full = (full + 1) // 2
-        level += 1
-    return level
-
-
-def self_map_layer(level: int) -> bool:
-    """Self-map swap layers: all but the full-resolution level (SD1.x 512 px: the 11 layers with ≤ 32² tokens)."""
-    return level >= 1
-
-
-def blend_layer(level: int, block_name: str) -> bool:
-    """LocalBlend layers: level 2, down and up blocks only (SD1.x 512 px: the 16×16 layers, not the middle block)."""
-    return level == 2 and block_name != "middle"

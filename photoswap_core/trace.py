@@ -1,6 +1,6 @@
 """SOURCE_TRACE: everything the target pass needs from the source pass.
 
-Always: schedule, source trajectory (VP latents), per-step null embeddings, the source conditioning and the
+Always: schedule, source trajectory (model-space latents), per-step null embeddings, the source conditioning and the
 per-step source cross-attention maps at the LocalBlend level (tiny). Optionally, within a memory budget, the attention
 tensors the swap windows need (DESIGN.md §3): per step and self-attention layer the source attention output (both CFG
 halves) and, at self-map layers, the source q/k (cond half); per cross layer the source q (cond half) and k (once).
@@ -9,13 +9,47 @@ Tensors keep the model's compute dtype (fp16/bf16 on GPUs: half precision, lossl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 
 
-def step_of(key: tuple) -> int | None:
-    """Keys are (kind, step, layer[, cfg half]), except the step-independent cross-attention keys ("ck", layer)."""
-    return None if key[0] == "ck" else key[1]
+class TensorKind(str, Enum):
+    """What a recorded source tensor is."""
+    SELF_OUT = "out"  # a self-attention layer's output, one CFG half (self-output swap)
+    SELF_Q = "q"  # a self-attention layer's queries, cond half (self-map swap)
+    SELF_K = "k"  # … and keys
+    CROSS_Q = "cq"  # a cross-attention layer's queries, cond half (cross-map swap)
+    CROSS_K = "ck"  # … and keys: the source prompt's, the same at every step (stored once)
+
+
+class TraceKey(NamedTuple):
+    """The key of one recorded tensor: its kind, step (None for step-independent kinds), layer and CFG half."""
+    kind: TensorKind
+    step: int | None
+    layer: tuple
+    half: int | None = None
+
+    @classmethod
+    def self_out(cls, step, layer, half):
+        return cls(TensorKind.SELF_OUT, step, layer, half)
+
+    @classmethod
+    def self_q(cls, step, layer):
+        return cls(TensorKind.SELF_Q, step, layer)
+
+    @classmethod
+    def self_k(cls, step, layer):
+        return cls(TensorKind.SELF_K, step, layer)
+
+    @classmethod
+    def cross_q(cls, step, layer):
+        return cls(TensorKind.CROSS_Q, step, layer)
+
+    @classmethod
+    def cross_k(cls, layer):
+        return cls(TensorKind.CROSS_K, None, layer)
 
 
 class AttentionStore:
@@ -57,7 +91,7 @@ class AttentionStore:
             stream = torch.cuda.current_stream(device)
             stream.wait_event(event)  # device-side wait for the side stream's copy; the host does not block
             tensor.record_stream(stream)  # the allocator must not reuse it before the compute stream is done
-            if step_of(key) is not None:
+            if key.step is not None:
                 del self._staged[key]
             return tensor
         try:
@@ -76,10 +110,10 @@ class AttentionStore:
         do), dropping staged tensors of earlier steps that were not read (windows narrower than the recording)."""
         if not self.host_store_for(device):
             return
-        steps = [step_of(key) for key in keys if step_of(key) is not None]
+        steps = [key.step for key in keys if key.step is not None]
         if steps:
             first = min(steps)
-            for key in [k for k in self._staged if step_of(k) is not None and step_of(k) < first]:
+            for key in [k for k in self._staged if k.step is not None and k.step < first]:
                 del self._staged[key]
         keys = [key for key in keys if key not in self._staged and key in self.tensors]
         if not keys:
@@ -115,10 +149,10 @@ class AttentionStore:
 
 @dataclass
 class SourceTrace:
-    schedule: object  # schedule.DDIMSchedule
-    model_info: object  # model_adapter.ModelInfo
+    schedule: object  # arch.Schedule
+    arch: object  # arch.Architecture of the model it was recorded with
     latent_shape: tuple  # (1, 4, h, w)
-    trajectory: list  # N+1 VP latents (CPU float32): index i enters step i; N = source reconstruction
+    trajectory: list  # N+1 model-space latents (CPU float32): index i enters step i; N = source reconstruction
     null_embeddings: torch.Tensor  # [N, 1, 77, C] float32 CPU
     source_conditioning: list  # CONDITIONING of the source prompt
     negative_conditioning: list  # CONDITIONING whose pooled output/ADM the uncond rows use
@@ -129,7 +163,7 @@ class SourceTrace:
     blend_maps: list = field(default_factory=list)  # per step: [tokens_b, 77] float32 source cond cross maps
     blend_grid: tuple | None = None  # (h_b, w_b) of the LocalBlend level
     store: AttentionStore | None = None
-    source_steps_k: list | None = None  # per step: the source's own DDIM step result (k-space); None: computed live
+    source_steps_k: list | None = None  # per step: the source's own step result (sampler space); None: computed live
     self_maps_recorded: bool = False
     dropped_reason: str | None = None
 

@@ -72,11 +72,11 @@ def test_offloaded_trace_equals_device_trace(cuda_device, monkeypatch):
     on_gpu = _trace(ms, method="direct")
     on_gpu_out = _swap(ms, on_gpu, _prompts(ms), _windows(0.5, 0.3, 0.6))
     from comfyui_photoswap.photoswap_core.inversion import InversionSettings, invert
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
-    from comfyui_photoswap.photoswap_core.swap_sampler import record_trace
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
+    from comfyui_photoswap.photoswap_core.recorder import record_trace
 
     src, neg = _encode(ms, SRC), _encode(ms, "")
-    schedule = build_schedule(ms.model.get_model_object("model_sampling"), on_gpu.steps)
+    schedule = ddim_schedule(ms.model.get_model_object("model_sampling"), on_gpu.steps)
     x0 = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         inv = invert(ms.model, schedule, x0, src[0], neg[0], InversionSettings(method="direct", steps=on_gpu.steps))
@@ -96,7 +96,7 @@ def test_no_host_device_sync_in_the_attention_patch(cuda_device, monkeypatch, ca
     active) and of the per-step rules runs under torch.cuda.set_sync_debug_mode('error'): a .item(), a bool() of a
     tensor or a blocking copy there raises. Cases: recording on the GPU then swapping with the trace; lockstep;
     recording offloaded to pinned host memory (non-blocking copies) then swapping from it."""
-    from comfyui_photoswap.photoswap_core import attention_patch, swap_sampler
+    from comfyui_photoswap.photoswap_core import attention_patch, recorder
 
     ms = _tiny_in(torch.float16)
     calls = {"n": 0}
@@ -114,19 +114,19 @@ def test_no_host_device_sync_in_the_attention_patch(cuda_device, monkeypatch, ca
     for name in ("self_attention", "cross_attention", "end_step"):
         monkeypatch.setattr(attention_patch.SwapRun, name, strict(getattr(attention_patch.SwapRun, name)))
     for name in ("record_self", "record_cross"):
-        monkeypatch.setattr(swap_sampler.TraceRecorder, name, strict(getattr(swap_sampler.TraceRecorder, name)))
+        monkeypatch.setattr(recorder.TraceRecorder, name, strict(getattr(recorder.TraceRecorder, name)))
     if case == "offloaded_recording":
         from comfyui_photoswap.photoswap_core.inversion import InversionSettings, invert
-        from comfyui_photoswap.photoswap_core.schedule import build_schedule
+        from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
 
         src, neg = _encode(ms, SRC), _encode(ms, "")
-        schedule = build_schedule(ms.model.get_model_object("model_sampling"), 8)
+        schedule = ddim_schedule(ms.model.get_model_object("model_sampling"), 8)
         x0 = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             inv = invert(ms.model, schedule, x0, src[0], neg[0], InversionSettings(method="direct", steps=8))
-            trace = swap_sampler.record_trace(ms.model, src, neg, schedule, 7.5, trajectory_vp=inv.trajectory,
-                                              null_embeddings=inv.null_embeddings, method="direct", fraction=1.0,
-                                              record_self_maps=True, storage="cpu")
+            trace = recorder.record_trace(ms.model, src, neg, schedule, 7.5, trajectory_vp=inv.trajectory,
+                                          null_embeddings=inv.null_embeddings, method="direct", fraction=1.0,
+                                          record_self_maps=True, storage="cpu")
         assert trace.store.location.type == "cpu"
     else:
         trace = _trace(ms, method="direct")

@@ -50,7 +50,7 @@ class SyncWatch(TorchDispatchMode):
 def watched(monkeypatch):
     """Runs every per-layer / per-step method of SwapRun and the trace recorder under a SyncWatch."""
     from comfyui_photoswap.photoswap_core.attention_patch import SwapRun
-    from comfyui_photoswap.photoswap_core.swap_sampler import TraceRecorder
+    from comfyui_photoswap.photoswap_core.recorder import TraceRecorder
 
     found, calls = [], {}
 

@@ -154,7 +154,7 @@ def test_schedule_equals_diffusers_ddim(pack, tiny_sd15, tiny_sd2v, tiny_sdxl, s
     ~1.3e-5 relative; against the same formula in float64 our float32 sigmas agree to float32 rounding (1e-7)."""
     from diffusers import DDIMScheduler
 
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
+    from comfyui_photoswap.photoswap_core.arch.ddim import alpha_bar, ddim_schedule
 
     ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                         set_alpha_to_one=False, steps_offset=1)
@@ -167,7 +167,7 @@ def test_schedule_equals_diffusers_ddim(pack, tiny_sd15, tiny_sd2v, tiny_sdxl, s
     alphas64 = torch.cumprod(1 - betas64, 0)[timesteps + [0]]
     expected64 = ((1 - alphas64) / alphas64).sqrt()
     for tiny in (tiny_sd15, tiny_sd2v, tiny_sdxl):  # ε, v and SDXL share the scaled-linear table
-        schedule = build_schedule(tiny.model.get_model_object("model_sampling"), steps)
+        schedule = ddim_schedule(tiny.model.get_model_object("model_sampling"), steps)
         assert list(schedule.timesteps) == timesteps
         assert schedule.sigmas.dtype == torch.float32 and schedule.sigmas.shape == (steps + 1,)
         sigmas = schedule.sigmas.double()
@@ -175,7 +175,7 @@ def test_schedule_equals_diffusers_ddim(pack, tiny_sd15, tiny_sd2v, tiny_sdxl, s
         assert rel < 2e-5, f"{tiny.family}: max relative sigma error vs diffusers {rel:.2e}"
         rel64 = ((sigmas - expected64).abs() / expected64).max().item()
         assert rel64 < 2e-7, f"{tiny.family}: max relative sigma error vs float64 {rel64:.2e}"
-        ours_alphas = torch.tensor([schedule.alpha_bar(i) for i in range(steps + 1)], dtype=torch.float64)
+        ours_alphas = torch.tensor([alpha_bar(float(s)) for s in schedule.sigmas], dtype=torch.float64)
         assert (ours_alphas - alphas).abs().max().item() < 1e-6  # ᾱ to diffusers' float32 precision
     if steps == 50:
         assert timesteps[0] == 981 and timesteps[-1] == 1
@@ -221,7 +221,7 @@ def test_parity_null_text_first_steps(inv, parity):
     the same iteration counts and last losses as recorded by the official run, and nearly the same embeddings
     (Adam's first steps are sign steps, so float noise moves single coordinates by ~lr; bound 2e-3 on values ~3).
     A full 50-step run is `test_parity_null_text_full` (slow)."""
-    from comfyui_photoswap.photoswap_core.model_adapter import DirectEvaluator
+    from comfyui_photoswap.photoswap_core.evaluator import DirectEvaluator
 
     K = PARITY_NULL_TEXT_STEPS
     source, null = parity_conditioning(parity)
@@ -229,9 +229,9 @@ def test_parity_null_text_first_steps(inv, parity):
     official = parity.inv["uncond_embeddings"]
     settings = inv.InversionSettings(method="null_text", steps=N_PARITY, cfg=7.5, inner_iterations=10,
                                      early_stop_epsilon=1e-5, learning_rate=1e-2)
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
+    from comfyui_photoswap.photoswap_core.arch.ddim import alpha_bar, ddim_schedule, ddim_step
 
-    schedule = build_schedule(parity.model.get_model_object("model_sampling"), N_PARITY)
+    schedule = ddim_schedule(parity.model.get_model_object("model_sampling"), N_PARITY)
     evaluator = DirectEvaluator(parity.model, ref[0].shape)
     cond = evaluator.model_kwargs(source[0])
     null_ctx = evaluator.model_kwargs(null[0])["c_crossattn"]
@@ -250,8 +250,8 @@ def test_parity_null_text_first_steps(inv, parity):
         sigma = float(schedule.sigmas[i])
         eps_c = evaluator.eps(x_official, sigma, cond["c_crossattn"])
         eps_u = evaluator.eps(x_official, sigma, official[i])
-        x_official = inv.ddim_step(x_official, eps_u + 7.5 * (eps_c - eps_u), schedule.alpha_bar(i),
-                                   schedule.alpha_bar(i + 1))
+        x_official = ddim_step(x_official, eps_u + 7.5 * (eps_c - eps_u), alpha_bar(sigma),
+                               alpha_bar(float(schedule.sigmas[i + 1])))
         target = ref[N_PARITY - 1 - i]
         ours_err = float((trajectory[i + 1] - target).pow(2).mean())
         official_err = float((x_official - target).pow(2).mean())
@@ -263,7 +263,7 @@ def test_parity_null_text_first_steps(inv, parity):
 def test_parity_null_text_full(inv, parity):
     """All 50 steps (~650 UNet calls at 64x64, 10+ minutes on a CPU): our null-text inversion of the official image
     latent reconstructs it with CFG 7.5 at least as closely as the official embeddings (from the official x_T)."""
-    from comfyui_photoswap.photoswap_core.model_adapter import DirectEvaluator
+    from comfyui_photoswap.photoswap_core.evaluator import DirectEvaluator
 
     source, null = parity_conditioning(parity)
     image = parity.inv["image_latent"]
@@ -299,7 +299,7 @@ def test_direct_reconstructs_input(inv, request, family, h, w):
     assert float((result.z_t - image_vp).abs().max()) > 0.1  # a real inversion happened
     assert result.null_embeddings.shape == (8, *neg[0][0].shape)
     assert torch.equal(result.null_embeddings[3], neg[0][0].float())
-    assert result.model_info.prediction == ("v" if family == "sd2v" else "eps")
+    assert result.arch.prediction == ("v" if family == "sd2v" else "eps")
 
 
 @pytest.mark.unit
@@ -307,16 +307,16 @@ def test_direct_reconstructs_input(inv, request, family, h, w):
 def test_model_calls_and_progress(inv, tiny_sd15, monkeypatch, method):
     """Model evaluations per method (direct: N, zero beyond the inversion; ddim/negative_prompt: N + 2N; null_text:
     N + per step 1 cond + iterations + 1) and progress units summing to progress_total (the ProgressBar total)."""
-    from comfyui_photoswap.photoswap_core import model_adapter
+    from comfyui_photoswap.photoswap_core import evaluator
 
     calls = {"n": 0}
-    original = model_adapter.DirectEvaluator.eps
+    original = evaluator.DirectEvaluator.eps
 
     def counting(self, *args, **kwargs):
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(model_adapter.DirectEvaluator, "eps", counting)
+    monkeypatch.setattr(evaluator.DirectEvaluator, "eps", counting)
     n = 4
     settings = inv.InversionSettings(method=method, steps=n, inner_iterations=2)
     units = []
@@ -356,8 +356,8 @@ def test_null_text_beats_ddim_and_follows_early_stop_rule(inv, comfy):
     the optimisation takes the path that swaps them for equal normal tensors): CFG-7.5 reconstruction from the
     optimised null embeddings is ≥ 10× closer to the image latent than plain DDIM inversion's; each step's iteration count is the first iteration
     whose pre-update loss < ε + 2e-5·i·50/N, else the maximum."""
-    from comfyui_photoswap.photoswap_core.model_adapter import single_conditioning
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
+    from comfyui_photoswap.photoswap_core.arch import single_conditioning
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
     from devtools.tiny_models import build_tiny
 
     tiny = build_tiny("sd15", seed=0)
@@ -365,7 +365,7 @@ def test_null_text_beats_ddim_and_follows_early_stop_rule(inv, comfy):
     pos, neg = encode(tiny.clip, "a photo of a man"), encode(tiny.clip, "")
     latent = image_latent(tiny, 8, 8)
     image_vp = latent * scale_of(tiny)
-    schedule = build_schedule(tiny.model.get_model_object("model_sampling"), NT_STEPS)
+    schedule = ddim_schedule(tiny.model.get_model_object("model_sampling"), NT_STEPS)
     src, null = single_conditioning(pos, "p"), single_conditioning(neg, "n")
     plain = inv.invert(tiny.model, schedule, image_vp, src, null, inv.InversionSettings(method="ddim", steps=NT_STEPS))
     settings = inv.InversionSettings(method="null_text", steps=NT_STEPS, cfg=7.5, inner_iterations=NT_ITERATIONS,
@@ -393,8 +393,8 @@ def test_null_text_beats_ddim_and_follows_early_stop_rule(inv, comfy):
 def test_null_text_optimises_in_float32_on_a_bf16_model(inv, comfy):
     """A bf16 UNet (as ComfyUI loads models on many GPUs): the null embeddings are optimised and stored in float32,
     the losses are finite, and the optimisation still beats plain DDIM inversion's reconstruction."""
-    from comfyui_photoswap.photoswap_core.model_adapter import single_conditioning
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
+    from comfyui_photoswap.photoswap_core.arch import single_conditioning
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
     from devtools.tiny_models import build_tiny
 
     tiny = build_tiny("sd15", seed=0)
@@ -406,7 +406,7 @@ def test_null_text_optimises_in_float32_on_a_bf16_model(inv, comfy):
     assert base.get_dtype() == torch.bfloat16
     pos, neg = encode(tiny.clip, "a photo of a man"), encode(tiny.clip, "")
     image_vp = image_latent(tiny, 8, 8) * scale_of(tiny)
-    schedule = build_schedule(tiny.model.get_model_object("model_sampling"), 3)
+    schedule = ddim_schedule(tiny.model.get_model_object("model_sampling"), 3)
     src, null = single_conditioning(pos, "p"), single_conditioning(neg, "n")
     plain = inv.invert(tiny.model, schedule, image_vp, src, null, inv.InversionSettings(method="ddim", steps=3))
     settings = inv.InversionSettings(method="null_text", steps=3, cfg=7.5, inner_iterations=3,
@@ -601,6 +601,9 @@ def null_text_sd15(pack, tiny_sd15):
 @pytest.mark.integration
 @pytest.mark.parametrize("which", ["sdxl_direct", "sd15_null_text"])
 def test_save_load_round_trip_is_bit_identical(N, io_mod, request, folders, caplog, which):
+    from comfyui_photoswap.photoswap_core import inversion_files
+    from comfyui_photoswap.photoswap_core.inversion import z_t_latent
+
     result = request.getfixturevalue({"sdxl_direct": "saved_sdxl", "sd15_null_text": "null_text_sd15"}[which])
     tiny = request.getfixturevalue("tiny_sdxl" if which == "sdxl_direct" else "tiny_sd15")
     with caplog.at_level("WARNING", logger="photoswap"):
@@ -609,21 +612,21 @@ def test_save_load_round_trip_is_bit_identical(N, io_mod, request, folders, capl
     assert path.is_file() and "photoswap/rt/test_00001.safetensors" in ui_text
     if which == "sdxl_direct":
         assert "source.control" in caplog.text  # the unstorable option is reported
-    files = N.saved_inversion_files()
+    files = inversion_files.saved_inversion_files()
     assert files[0] == "photoswap/rt/test_00001.safetensors [output]"
     loaded, z_t, sigmas, source, negative = N.PhotoswapLoadInversion.execute(inversion_file=files[0],
                                                                              model=tiny.model).result
     for name in ("trajectory", "inversion_latents", "null_embeddings", "latent_shape", "weights_fingerprint",
                  "latent_fingerprint", "inner_iterations", "negative_conditioning"):
         _assert_same(getattr(result, name), getattr(loaded, name))
-    assert loaded.settings == result.settings and loaded.model_info == result.model_info
+    assert loaded.settings == result.settings and loaded.arch == result.arch
     assert loaded.schedule.timesteps == result.schedule.timesteps
     _assert_same(loaded.schedule.sigmas, result.schedule.sigmas)
     expected_options = {k: v for k, v in result.source_conditioning[0][1].items() if k != "control"}
     _assert_same(loaded.source_conditioning, [[result.source_conditioning[0][0], expected_options]])
     assert source is loaded.source_conditioning and negative is loaded.negative_conditioning
     _assert_same(sigmas, result.schedule.sigmas)
-    _assert_same(z_t["samples"], N.z_t_latent(result)["samples"])
+    _assert_same(z_t["samples"], z_t_latent(result)["samples"])
     # saving the loaded inversion writes the same bytes (no timestamps; deterministic)
     N.PhotoswapSaveInversion.execute(inversion=loaded, filename_prefix="rt/test")
     second = path.with_name("test_00002.safetensors")
@@ -633,7 +636,7 @@ def test_save_load_round_trip_is_bit_identical(N, io_mod, request, folders, capl
     from comfyui_photoswap import __version__
 
     assert meta["pack_version"] == __version__ and meta["method"] == result.settings.method
-    assert meta["steps"] == result.schedule.steps and meta["model"]["family"] == result.model_info.family
+    assert meta["steps"] == result.schedule.steps and meta["model"]["family"] == result.arch.family
     assert meta["latent_shape"] == list(result.latent_shape)
 
 
@@ -672,6 +675,8 @@ def _write_bad_copies(path, tmp_path):
 
 @pytest.mark.integration
 def test_load_errors_are_clear(N, io_mod, saved_sdxl, tiny_sdxl, tiny_sd15, folders, err_type, caplog, tmp_path):
+    from comfyui_photoswap.photoswap_core import inversion_files
+
     path = folders["output"] / "photoswap" / "x_00001.safetensors"
     io_mod.save_inversion(saved_sdxl, path)
     bad = _write_bad_copies(path, folders["input"])
@@ -685,9 +690,9 @@ def test_load_errors_are_clear(N, io_mod, saved_sdxl, tiny_sdxl, tiny_sd15, fold
     with pytest.raises(err_type, match="not found"):
         io_mod.load_inversion(folders["output"] / "photoswap" / "missing.safetensors")
     with pytest.raises(err_type, match="none found"):
-        N.resolve_inversion_file(N.NO_FILES)
+        inversion_files.resolve_inversion_file(inversion_files.NO_FILES)
     with pytest.raises(err_type, match="pick a file from the list"):
-        N.resolve_inversion_file("../../etc/passwd")
+        inversion_files.resolve_inversion_file("../../etc/passwd")
 
     good = "photoswap/x_00001.safetensors [output]"
     # another family

@@ -10,13 +10,13 @@ def test_attention_preview(tiny_sd15):
 
     from comfyui_photoswap.nodes.preview_nodes import PhotoswapAttentionPreview
     from comfyui_photoswap.photoswap_core.alignment import build_prompt_pair
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
-    from comfyui_photoswap.photoswap_core.swap_sampler import record_trace
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
+    from comfyui_photoswap.photoswap_core.recorder import record_trace
 
     ms = tiny_sd15
     enc = lambda t: core.CLIPTextEncode().encode(ms.clip, t)[0]  # noqa: E731
     prompts = build_prompt_pair(ms.clip, "a photo of a cat", "cat", "sks dog")
-    schedule = build_schedule(ms.model.get_model_object("model_sampling"), 6)
+    schedule = ddim_schedule(ms.model.get_model_object("model_sampling"), 6)
     start = torch.randn(1, 4, 16, 12, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         trace = record_trace(ms.model, enc("a photo of a cat"), enc(""), schedule, 7.5, start_latent_vp=start,

@@ -349,7 +349,7 @@ def test_saved_inversion_corrupted_truncated_or_mismatched(pack, N, Err, tiny_sd
         inversion_io.check_model(loaded, other_sd15.model)
     assert info.value.input_name == "model" and "weights" in str(info.value)
     with pytest.raises(Err) as info:
-        inversion_io.check_latent(loaded, torch.zeros(1, 4, H + 2, W))
+        inversion_io.check_latent_matches(loaded, torch.zeros(1, 4, H + 2, W))
     assert info.value.input_name == "latent" and "px" in str(info.value)
     with pytest.raises(Err) as info:
         inversion_io.check_steps(loaded, 5)
@@ -558,13 +558,15 @@ def test_patches_compose_with_another_packs_replace_patch(N, tiny_sd15, s15):
     import comfy.sample
     import comfy.samplers
 
-    from comfyui_photoswap.photoswap_core.attention_patch import patch_model, transformer_layers
+    from comfyui_photoswap.photoswap_core.arch import inspect_model
+    from comfyui_photoswap.photoswap_core.attention_patch import patch_model
 
     ms = tiny_sd15
+    arch = inspect_model(ms.model)
     self_calls, cross_calls = {}, {}
     self_prior, cross_prior = prior_patch(0.9, self_calls), prior_patch(1.1, cross_calls)
     prior_model = ms.model.clone()
-    for name, number, index in transformer_layers(prior_model.model.diffusion_model):
+    for name, number, index in arch.attention_layers(prior_model):
         prior_model.set_model_attn1_replace(self_prior, name, number, index)
         prior_model.set_model_attn2_replace(cross_prior, name, number)
     options_before = repr(prior_model.model_options)
@@ -578,9 +580,9 @@ def test_patches_compose_with_another_packs_replace_patch(N, tiny_sd15, s15):
     from comfyui_photoswap.photoswap_core.attention_patch import SwapRun
     from comfyui_photoswap.photoswap_core.swap_rules import SwapWindows
 
-    patched = patch_model(prior_model, SwapRun("record", 3, SwapWindows(), recorder=None))
+    patched = patch_model(prior_model, SwapRun(arch, "record", 3, SwapWindows(), recorder=None))
     replace = patched.model_options["transformer_options"]["patches_replace"]
-    for layer in transformer_layers(prior_model.model.diffusion_model):
+    for layer in arch.attention_layers(prior_model):
         assert replace["attn1"][layer].photoswap_prior is self_prior
         assert replace["attn2"][layer].photoswap_prior is cross_prior
     del patched
@@ -596,7 +598,7 @@ def test_patches_compose_with_another_packs_replace_patch(N, tiny_sd15, s15):
     zero, _, _ = s_prior.sample(model=prior_model, self_output=0.0, cross_map=0.0, local_blend=False)
     trace = s_prior.trace
     sigmas = trace.schedule.sigmas
-    z_t = trace.trajectory[0] * math.sqrt(1 + float(sigmas[0]) ** 2) / trace.model_info.latent_scale
+    z_t = trace.trajectory[0] * math.sqrt(1 + float(sigmas[0]) ** 2) / trace.arch.latent.scale
     with torch.inference_mode():
         stock = comfy.sample.sample_custom(prior_model, torch.zeros_like(z_t), 7.5,
                                            comfy.samplers.sampler_object("euler"), sigmas.clone(), s.tgt, s.neg, z_t)

@@ -151,7 +151,7 @@ def test_families_non_square_nodes(request, pack, family):
     ms = request.getfixturevalue(f"tiny_{family}")
     source, subject, concept = FAMILY_PROMPTS[family]
     g = Graph(pack, ms, source=source, subject=subject, concept=concept, steps=3)
-    assert g.trace.model_info.prediction == ("v" if family == "sd2v" else "eps")
+    assert g.trace.arch.prediction == ("v" if family == "sd2v" else "eps")
     assert g.prompts.source_ids != g.prompts.target_ids
     swapped, src, mask = g.sample(self_output=0.5, cross_map=0.6, blend_start=0.0)
     assert swapped.shape == src.shape == (1, 4, H, W)

@@ -1,6 +1,7 @@
 """Exact invariants of the attention swap on tiny models (float32, CPU): they pin the math of DESIGN.md §2/§3."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -28,11 +29,11 @@ def _prompts(ms, same=False):
 def _trace(ms, steps=8, hw=(8, 6), method="direct", fraction=1.0, self_maps=True, seed=0):
     """A recorded trace of a real 'image' latent (direct or null_text inversion) or a synthetic source."""
     from comfyui_photoswap.photoswap_core.inversion import InversionSettings, invert
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
-    from comfyui_photoswap.photoswap_core.swap_sampler import record_trace
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
+    from comfyui_photoswap.photoswap_core.recorder import record_trace
 
     src, neg = _encode(ms, SRC), _encode(ms, "")
-    schedule = build_schedule(ms.model.get_model_object("model_sampling"), steps)
+    schedule = ddim_schedule(ms.model.get_model_object("model_sampling"), steps)
     x0 = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         if method == "synthetic":
@@ -45,12 +46,34 @@ def _trace(ms, steps=8, hw=(8, 6), method="direct", fraction=1.0, self_maps=True
                             record_self_maps=self_maps)
 
 
-def _swap(ms, trace, prompts, windows, lockstep=False, target_text=TGT, events=None, cfg=7.5):
+def _swap(ms, trace, prompts, windows, lockstep=False, target_text=TGT, cfg=7.5):
     from comfyui_photoswap.photoswap_core.swap_sampler import swap
 
     with torch.inference_mode():
         return swap(ms.model, trace, _encode(ms, target_text), _encode(ms, ""), prompts, windows, cfg,
-                    lockstep=lockstep, events=events)
+                    lockstep=lockstep)
+
+
+class SwapEvents(logging.Handler):
+    """Collects which swap fired where, from the DEBUG records of the "photoswap.swaps" logger."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.events = []
+
+    def emit(self, record):
+        self.events.append(record.photoswap_swap)
+
+    def __enter__(self):
+        self.logger = logging.getLogger("photoswap.swaps")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self.events
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
 
 
 def _windows(*args, **kwargs):
@@ -143,19 +166,19 @@ def _expected_events(steps, windows, self_layers, map_layers, cross_layers):
 @pytest.mark.parametrize("windows", [(0.8, 0.0, 0.6), (0.3, 0.4, 0.5), (0.0, 0.5, 1.0)])
 def test_window_edges(tiny_sd15, steps, windows):
     """The steps, layers and CFG halves where each swap acts are exactly DESIGN.md §2's rules."""
-    from comfyui_photoswap.photoswap_core.attention_patch import transformer_layers
+    from comfyui_photoswap.photoswap_core.arch import inspect_model
 
     ms = tiny_sd15
     trace = _trace(ms, steps=steps, hw=(16, 16), method="direct", fraction=1.0, self_maps=True)
-    layers = transformer_layers(ms.model.model.diffusion_model)
+    layers = inspect_model(ms.model).attention_layers(ms.model)
     assert len(layers) == 16
     # SD1.x at any size: level 0 = input 1,2 and output 9,10,11 (the reference's 64² layers at 512 px)
     map_layers = [layer for layer in layers if not ((layer[0] == "input" and layer[1] in (1, 2)) or
                                                     (layer[0] == "output" and layer[1] in (9, 10, 11)))]
     assert len(map_layers) == 11
     for lockstep in (False, True):
-        events = []
-        _swap(ms, trace, _prompts(ms), _windows(*windows), lockstep=lockstep, events=events)
+        with SwapEvents() as events:
+            _swap(ms, trace, _prompts(ms), _windows(*windows), lockstep=lockstep)
         assert len(events) == len(set(events))
         assert set(events) == _expected_events(steps, windows, layers, map_layers, layers)
 

@@ -65,11 +65,11 @@ def test_swap_matches_official(parity, case, pack):
         nulls = parity["inversion"]["uncond_embeddings"]  # (50, 1, 77, 32): the official optimised embeddings
     else:
         nulls = text["null_embedding"].unsqueeze(0).expand(50, 1, 77, 32).clone()
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
-    from comfyui_photoswap.photoswap_core.swap_sampler import record_trace
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
+    from comfyui_photoswap.photoswap_core.recorder import record_trace
 
     with torch.inference_mode():
-        schedule = build_schedule(ms.model.get_model_object("model_sampling"), manifest["num_ddim_steps"])
+        schedule = ddim_schedule(ms.model.get_model_object("model_sampling"), manifest["num_ddim_steps"])
         # the official source row is a plain CFG pass from z_T with the given null embeddings: record it as such
         trace = record_trace(ms.model, src, neg, schedule, manifest["guidance_scale"], start_latent_vp=x_t,
                              null_embeddings=nulls, method="null_text" if "real" in case else "synthetic",

@@ -53,8 +53,8 @@ def _rel(a, b):
 def test_swap_matches_official_reference(shared, pack, self_output, self_map, cross_map, local_blend):
     from comfyui_photoswap.nodes.swap_nodes import PhotoswapAttentionSwapSampler
     from comfyui_photoswap.photoswap_core.alignment import build_prompt_pair
-    from comfyui_photoswap.photoswap_core.schedule import build_schedule
-    from comfyui_photoswap.photoswap_core.swap_sampler import record_trace
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
+    from comfyui_photoswap.photoswap_core.recorder import record_trace
     from devtools.official_reference import SwapSettings, official_swap
 
     text, manifest, models = shared["text"], shared["manifest"], shared["comfy"]
@@ -73,7 +73,7 @@ def test_swap_matches_official_reference(shared, pack, self_output, self_map, cr
     tgt = [[text["text_embeddings"][1:2], {}]]
     neg = [[text["null_embedding"], {}]]
     with torch.inference_mode():
-        schedule = build_schedule(models.model.get_model_object("model_sampling"), STEPS)
+        schedule = ddim_schedule(models.model.get_model_object("model_sampling"), STEPS)
         trace = record_trace(models.model, src, neg, schedule, 7.5, start_latent_vp=shared["x_t"],
                              null_embeddings=nulls, method="synthetic", fraction=1.0)
         swapped, source, _ = PhotoswapAttentionSwapSampler.execute(

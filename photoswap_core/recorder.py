@@ -1,0 +1,178 @@
+"""The source pass (Attention Recorder): reproduce the source image and keep what the swap windows need.
+
+With an inversion the source row follows its trajectory (the real photo); without one it is generated from a seed
+(a synthetic source). What is stored, within `fraction` of the steps and a memory budget, is decided by
+`TraceRecorder`; over budget nothing is kept and the swap sampler runs in lockstep.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import swap_rules
+from .arch import inspect_model
+from .attention_patch import RunMode, SwapRun, patch_model
+from .errors import PhotoswapInputError
+from .evaluator import DirectEvaluator
+from .sampling import SamplingPlan, sample
+from .trace import AttentionStore, SourceTrace, TraceKey
+
+log = logging.getLogger("photoswap")
+
+
+def _auto_budget_bytes(device) -> tuple[int, int]:
+    """(device budget, CPU budget) for recorded attention tensors."""
+    import psutil
+
+    cpu = int(psutil.virtual_memory().available * 0.5)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5), cpu
+    return cpu, cpu
+
+
+class TraceRecorder:
+    """Decides what the source pass stores (within `fraction` of the steps and a memory budget)."""
+
+    def __init__(self, steps, windows, record_self_maps, device, budget_bytes=None, storage="auto"):
+        self.steps = steps
+        self.windows = windows
+        self.record_self_maps = record_self_maps
+        device_budget, cpu_budget = _auto_budget_bytes(device)
+        if budget_bytes is not None:
+            device_budget = cpu_budget = budget_bytes
+        self.device_budget, self.cpu_budget = device_budget, cpu_budget
+        location = torch.device("cpu") if storage == "cpu" else device
+        self.storage = storage
+        self.store = AttentionStore(location) if budget_bytes != 0 else None
+        self.blend_maps = [None] * steps
+        self.blend_grid = None
+        self.dropped_reason = None
+
+    def begin_step(self):
+        """Lockstep: keep only the current step's tensors."""
+        self.store.tensors.clear()
+        self.store.nbytes = 0
+
+    def _check_budget(self):
+        store = self.store
+        if store is None:
+            return
+        if store.location.type != "cpu" and store.nbytes > self.device_budget and self.storage == "auto":
+            log.info("Photoswap trace: %.1f MB exceed the device budget; offloading to CPU", store.nbytes / 2**20)
+            store.move_to(torch.device("cpu"))
+        limit = self.cpu_budget if store.location.type == "cpu" else self.device_budget
+        if store.nbytes > limit:
+            self.dropped_reason = f"the attention tensors exceed the memory budget ({limit / 2**30:.2f} GB)"
+            log.warning("Photoswap trace: %s; the swap sampler will run in lockstep", self.dropped_reason)
+            self.store = None
+
+    def record_self(self, i, layer, chunks, q, k, out, self_map_layer: bool):
+        if self.store is None:
+            return
+        if swap_rules.output_swap_active(i, self.steps, self.windows):
+            for ci, c in enumerate(chunks):
+                self.store.put(TraceKey.self_out(i, layer, c), out[ci:ci + 1])
+        if (self.record_self_maps and 0 in chunks and swap_rules.map_swap_active(i, self.steps, self.windows)
+                and self_map_layer):
+            ci = chunks.index(0)
+            self.store.put(TraceKey.self_q(i, layer), q[ci])
+            self.store.put(TraceKey.self_k(i, layer), k[ci])
+        self._check_budget()
+
+    def record_cross(self, i, layer, q_cond, k_cond, maps, grid):
+        if self.store is not None and swap_rules.cross_swap_active(i, self.steps, self.windows):
+            self.store.put(TraceKey.cross_q(i, layer), q_cond)
+            if not self.store.has(TraceKey.cross_k(layer)):
+                self.store.put(TraceKey.cross_k(layer), k_cond)
+            self._check_budget()
+        if maps is not None:
+            layer_map = maps.mean(1)[0].float()
+            self.blend_maps[i] = layer_map if self.blend_maps[i] is None else self.blend_maps[i] + layer_map
+            self.blend_grid = grid
+
+
+def y_only(kwargs: dict) -> dict:
+    """The pooled/ADM part of model kwargs (what the uncond rows keep from the negative)."""
+    return {"y": kwargs["y"]} if "y" in kwargs else {}
+
+
+def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_vp=None, start_latent_vp=None,
+                 null_embeddings=None, method="synthetic", fraction=1.0, record_self_maps=False, budget_bytes=None,
+                 storage="auto", callback=None) -> SourceTrace:
+    """Run the source pass and build a SourceTrace (real image: trajectory given; synthetic: start latent given).
+    Latents are model-space latents (`trajectory_vp`, `start_latent_vp`)."""
+    import comfy.model_management as mm
+
+    arch = inspect_model(model)
+    src_entry = arch.prompt_entry(model, source_positive, "source_positive")
+    neg_entry = arch.prompt_entry(model, negative, "negative")
+    shape = tuple((trajectory_vp[0] if trajectory_vp is not None else start_latent_vp).shape)
+    evaluator = DirectEvaluator(model, shape, arch=arch)
+    device = evaluator.device
+    n = schedule.steps
+    if null_embeddings is None:
+        ctx = evaluator.model_kwargs(neg_entry)["c_crossattn"].float()
+        null_embeddings = ctx.unsqueeze(0).expand(n, *ctx.shape).clone()
+    windows = swap_rules.recorded_windows(fraction)
+    recorder = TraceRecorder(n, windows, record_self_maps, device, 0 if fraction <= 0 else budget_bytes, storage)
+    run = SwapRun(arch, RunMode.RECORD, n, windows, null_embeddings=null_embeddings.to(device), recorder=recorder,
+                  source_kwargs=evaluator.model_kwargs(src_entry),
+                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)))
+    plan = SamplingPlan(scales=arch.sampler_scales(schedule.sigmas))
+    if trajectory_vp is not None:
+        plan.trajectory_k = [t.to(device, torch.float32) * plan.scales[i] for i, t in enumerate(trajectory_vp)]
+        start = plan.trajectory_k[0]
+    else:
+        start = start_latent_vp.to(device, torch.float32) * plan.scales[0]
+        plan.start_k = start
+    needs_pass = trajectory_vp is None or recorder.store is not None
+    if needs_pass:
+        sample(patch_model(model, run), run, plan, arch.to_latent(start.cpu()), schedule.sigmas, source_positive,
+               negative, cfg, callback)
+    if trajectory_vp is None:
+        trajectory_vp = [start_latent_vp.float().cpu()] + [g.cpu() for g in plan.generated_vp]
+    trace = SourceTrace(
+        schedule=schedule, arch=arch, latent_shape=shape, trajectory=[t.detach().float().cpu() for t in trajectory_vp],
+        null_embeddings=null_embeddings.detach().float().cpu(), source_conditioning=source_positive,
+        negative_conditioning=negative, cfg=cfg, method=method,
+        record_fraction=fraction if recorder.store is not None else 0.0,
+        weights_fingerprint=arch.weights_fingerprint(model),
+        blend_maps=[m.cpu() if m is not None else None for m in recorder.blend_maps], blend_grid=recorder.blend_grid,
+        store=recorder.store, self_maps_recorded=record_self_maps and recorder.store is not None,
+        dropped_reason=recorder.dropped_reason,
+        source_steps_k=[c.detach().cpu() for c in plan.source_steps_out] if needs_pass else None)
+    if recorder.store is not None:
+        recorder.store.wait_for_copies(device)
+    mm.soft_empty_cache()
+    return trace
+
+
+def record_source(model, source_positive, negative, *, inversion=None, latent=None, seed=8888, steps=50, cfg=7.5,
+                  fraction=1.0, record_self_maps=False, storage="auto", memory_budget_gb=0.0, callback=None):
+    """The Attention Recorder's stage: the source pass of a real photo (an inversion) or of a synthetic source
+    (noise from `seed` at the size of `latent`). Returns (trace, LATENT of the source's final latent)."""
+    import comfy.sample
+
+    arch = inspect_model(model)
+    budget = None if memory_budget_gb <= 0 else int(memory_budget_gb * 2**30)
+    options = dict(fraction=fraction, record_self_maps=record_self_maps, budget_bytes=budget, storage=storage,
+                   callback=callback)
+    if inversion is not None:
+        arch.check_same_model(model, inversion.arch, inversion.weights_fingerprint, "inversion", "the inversion",
+                              "connect the same MODEL (same checkpoint and LoRAs) to the inversion and the Recorder")
+        trace = record_trace(model, source_positive, negative, inversion.schedule, inversion.settings.cfg,
+                             trajectory_vp=inversion.trajectory, null_embeddings=inversion.null_embeddings,
+                             method=inversion.settings.method, **options)
+    else:
+        if latent is None:
+            raise PhotoswapInputError(
+                "inversion", "an inversion (real photo) or a latent (synthetic source)",
+                "connect Photoswap Null-Text DDIM Inversion, or an Empty Latent Image for a synthetic source")
+        samples = latent["samples"]
+        arch.check_latent(samples, "latent")
+        start = comfy.sample.prepare_noise(samples, seed).float()
+        trace = record_trace(model, source_positive, negative, arch.schedule(model, steps), cfg,
+                             start_latent_vp=start, method="synthetic", **options)
+    return trace, {"samples": arch.to_latent(trace.trajectory[-1])}
