@@ -28,7 +28,7 @@ PATCH_KEY = "photoswap"
 SWAP_LOG = logging.getLogger("photoswap.swaps")
 
 
-class RunMode(Enum):
+class RunMode(str, Enum):
     RECORD = "record"
     TARGET = "target"
 
