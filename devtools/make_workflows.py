@@ -42,6 +42,8 @@ PHOTO = "photoswap_cat.png"
 DREAMBOOTH_SD15 = "sks_dog_dreambooth_sd15.safetensors"
 BASE_SD15 = "v1-5-pruned-emaonly.safetensors"
 LORA_SD15 = "sks_dog_lora_sd15.safetensors"
+LORA_SD15_SECOND = "zwx_cup_lora_sd15.safetensors"  # workflows 8 and 9: a second concept
+LORA_SD15_BEAR = "zwx_bear_lora_sd15.safetensors"
 BASE_SDXL = "sd_xl_base_1.0.safetensors"
 LORA_SDXL = "sks_dog_lora_sdxl.safetensors"
 CONTROLNET_SD15 = "control_v11p_sd15_canny.safetensors"
@@ -495,6 +497,59 @@ def wf_load_inversion(oi) -> Workflow:
     return wf
 
 
+def _second_concept(wf: Workflow, first: Node, lora: str, words: str, class_word: str, col: int = 0) -> Node:
+    """A Concept Loader chained after `first`: its MODEL/CLIP on top (LoRAs stack), `previous` = first's CONCEPT."""
+    concept = wf.add("PhotoswapConceptLoader", col, source="lora", lora_name=lora, concept_words=words,
+                     class_word=class_word)
+    for name in ("MODEL", "CLIP", "VAE"):
+        wf.link(first, name, concept, name.lower())
+    wf.link(first, "CONCEPT", concept, "previous")
+    return concept
+
+
+def _two_concept_swap(wf: Workflow, source_prompt: str, subjects: str, regions: str, second: tuple, prefix: str):
+    loader, first = _concept_lora(wf, BASE_SD15, LORA_SD15)
+    concept = _second_concept(wf, first, *second)
+    image, scale, encode = _photo(wf, concept, (512, 512))
+    pair = wf.add("PhotoswapPromptPair", 1, source_prompt=source_prompt, subject_word=subjects,
+                  concept_words=f"{CONCEPT}; {second[1]}", negative_prompt="", target_prompt="",
+                  region_words=regions)
+    wf.link(concept, "CLIP", pair, "clip")
+    wf.link(concept, "CONCEPT", pair, "concept")
+    inv = _inversion(wf, concept, encode, pair, "direct")
+    rec = _recorder(wf, concept, (pair, "source_positive"), (pair, "negative"), inversion=inv)
+    rec.widgets["record_self_maps"] = True
+    swap = _sampler(wf, concept, rec, (pair, "target_positive"), (pair, "negative"), pair)
+    outs = _outputs(wf, concept, rec, pair, swap, prefix)
+    masks = wf.add("MaskToImage", 4)
+    wf.link(swap, "pair_masks", masks, "mask")
+    save_masks = wf.add("SaveImage", 4, title="Mask of each subject pair", filename_prefix=f"{prefix}/pair_masks")
+    wf.link(masks, "IMAGE", save_masks, "images")
+    return [loader, first, concept], [image, scale, encode, pair], [inv], [rec, swap], outs + [masks, save_masks]
+
+
+def wf_multi_concept(oi) -> Workflow:
+    wf = Workflow("8_multi_concept_two_loras", oi, "Photoswap 8: two subjects, two concepts (two LoRAs chained "
+                                                   "Concept Loaders) in one swap")
+    load, photo, invert, swap, outs = _two_concept_swap(
+        wf, "A photo of a cat next to a mug", "cat; mug", "", (LORA_SD15_SECOND, "zwx cup", "cup"),
+        "photoswap/8_multi_concept")
+    note = wf.note(0, NOTES["8"])
+    _standard_groups(wf, load + [note], photo, invert, swap, outs)
+    return wf
+
+
+def wf_composition(oi) -> Workflow:
+    wf = Workflow("9_composition_by_parts", oi, "Photoswap 9: composition by parts — the head of one concept on "
+                                                "the body of another")
+    load, photo, invert, swap, outs = _two_concept_swap(
+        wf, "A photo of a cat with a round head and a long body", "cat; cat", "head; body",
+        (LORA_SD15_BEAR, "zwx bear", "bear"), "photoswap/9_composition")
+    note = wf.note(0, NOTES["9"])
+    _standard_groups(wf, load + [note], photo, invert, swap, outs)
+    return wf
+
+
 def _standard_groups(wf, load, photo, invert, swap, outs):
     wf.group("Model and concept", load, GROUP_COLORS["load"])
     wf.group("Photo and prompts", photo, GROUP_COLORS["load"])
@@ -534,13 +589,21 @@ NOTES = {
           "ComfyUI has no node that draws text, so the labels are the node titles and file names."),
     "7a": ("## Save an inversion\nInvert once (null-text inversion is the slow step) and save it to "
            "`output/photoswap/photoswap_cat_00001.safetensors`. Open workflow 7b to swap with it."),
+    "8": ("## Two subjects, two concepts\nChain Concept Loaders like LoRA loaders: the second one takes the first "
+          "one's MODEL, CLIP and CONCEPT (`previous`), so both LoRAs stack. The Prompt Pair gets the subject words "
+          "in the same order, separated by ';' (`cat; mug`); each subject becomes its concept. LocalBlend keeps "
+          "the background outside the union of the subjects' masks; `pair_masks` shows each one."),
+    "9": ("## Composition by parts\nOne subject named twice (`cat; cat`) with a region word each (`head; body`, "
+          "words of the source prompt): the head region attends only to the first concept's tokens, the body "
+          "region only to the second's, and outside both regions the result is the source. An explicit MASK "
+          "(any mask node) on the sampler's `region_mask` restricts the whole swap the same way."),
     "7b": ("## Swap with a saved inversion\nPick the file saved by 7a (refresh the page after saving). It must be "
            "used with the same model (checkpoint and LoRAs) it was made with: the loader checks the weights. The "
            "prompt pair's source prompt must be the one the inversion was made with."),
 }
 
 BUILDERS = [wf_real_dreambooth, wf_real_lora_direct, wf_synthetic, wf_controlnet, wf_sdxl, wf_sweep,
-            wf_save_inversion, wf_load_inversion]
+            wf_save_inversion, wf_load_inversion, wf_multi_concept, wf_composition]
 
 
 def build_all(object_info: dict) -> list:

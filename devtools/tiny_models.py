@@ -123,9 +123,12 @@ def build_tiny(family: str = "sd15", seed: int = 0) -> TinyModelSet:
     import comfy.text_encoders.sd2_clip as sd2_clip
 
     if family == "sd15":
+        from comfyui_photoswap.photoswap_core.concept.diffusers_configs import tokenizer_class
+
         config = sm.SD15(SD15_TINY_UNET)
         model_type = comfy.model_base.ModelType.EPS
-        target = smb.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+        # the real SD1 tokenizer whose textual-inversion vectors have the tiny width (embeddings of 32 values)
+        target = smb.ClipTarget(tokenizer_class(TEXT_WIDTH), comfy.sd1_clip.SD1ClipModel)
     elif family == "sd2v":
         config = sm.SD20(SD2V_TINY_UNET)
         model_type = comfy.model_base.ModelType.V_PREDICTION

@@ -69,6 +69,10 @@ class PhotoswapConceptLoader(io.ComfyNode):
                 io.Vae.Input("vae", optional=True,
                              tooltip="Optional VAE. When connected it is the VAE output for every source (overrides "
                                      "a checkpoint's/folder's own VAE); for 'lora'/'embedding' it is passed through."),
+                Concept.Input("previous", optional=True,
+                              tooltip="Several subjects in one swap: the CONCEPT of an earlier Concept Loader (wire "
+                                      "its MODEL/CLIP into this one too, so LoRAs stack). The output then holds both "
+                                      "concepts, in order: one per subject word of the Prompt Pair."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the concept."),
@@ -77,7 +81,7 @@ class PhotoswapConceptLoader(io.ComfyNode):
                               tooltip="The checkpoint's/folder's VAE, or the connected one (None when neither)."),
                 Concept.Output(display_name="CONCEPT",
                                tooltip="PHOTOSWAP_CONCEPT: the concept words, class word, kind and token ids, for "
-                                       "the Photoswap Prompt Pair."),
+                                       "the Photoswap Prompt Pair (with `previous` connected: all chained concepts)."),
             ],
         )
 
@@ -89,11 +93,12 @@ class PhotoswapConceptLoader(io.ComfyNode):
     @classmethod
     def execute(cls, source, ckpt_name=NONE_CHOICE, diffusers_folder=NONE_CHOICE, lora_name=NONE_CHOICE,
                 embedding_name=NONE_CHOICE, concept_words="", class_word="", prefer_metadata=True,
-                strength_model=1.0, strength_clip=1.0, model=None, clip=None, vae=None) -> io.NodeOutput:
+                strength_model=1.0, strength_clip=1.0, model=None, clip=None, vae=None,
+                previous=None) -> io.NodeOutput:
         loaded = load_concept(source, ckpt_name=ckpt_name, diffusers_folder=diffusers_folder, lora_name=lora_name,
                               embedding_name=embedding_name, concept_words=concept_words, class_word=class_word,
                               prefer_metadata=prefer_metadata, strength_model=strength_model,
-                              strength_clip=strength_clip, model=model, clip=clip, vae=vae)
+                              strength_clip=strength_clip, model=model, clip=clip, vae=vae, previous=previous)
         return io.NodeOutput(loaded.model, loaded.clip, loaded.vae, loaded.concept,
                              ui=ui.PreviewText(loaded.concept.report))
 

@@ -14,9 +14,10 @@ class PhotoswapAttentionPreview(io.ComfyNode):
             display_name="Photoswap Attention Preview",
             category=f"{CATEGORY}/preview",
             description=(
-                "Four grey-scale panels for choosing words and windows: the source subject word's cross-attention "
-                "map, the target concept token's map (on the source layout), the LocalBlend mask, and the top SVD "
-                "component of the source self-attention maps (paper Fig. 3), at the LocalBlend resolution."),
+                "Grey-scale panels for choosing words and windows: the source subject word's cross-attention map and "
+                "the target concept token's map (on the source layout) for each subject pair, the LocalBlend mask, "
+                "and the top SVD component of the source self-attention maps (paper Fig. 3), at the LocalBlend "
+                "resolution."),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL used by the recorder and the sampler."),
                 SourceTrace.Input("trace", tooltip="From Photoswap Attention Recorder."),
@@ -28,8 +29,8 @@ class PhotoswapAttentionPreview(io.ComfyNode):
                               tooltip="Optional: the swap sampler's blend_mask, shown as the third panel."),
             ],
             outputs=[io.Image.Output(display_name="previews",
-                                     tooltip="Batch of 4 images: source subject, target concept, blend mask, "
-                                             "self-attention SVD.")],
+                                     tooltip="Batch of images: source subject and target concept (per pair), "
+                                             "blend mask, self-attention SVD (4 for one pair).")],
         )
 
     @classmethod

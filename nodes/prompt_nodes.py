@@ -18,7 +18,10 @@ class PhotoswapPromptPair(io.ComfyNode):
                 "Builds the two prompts of a Photoswap: the source prompt (describes the source image) and the target "
                 "prompt (the source prompt with the subject word replaced by the concept words, unless written "
                 "explicitly). Encodes both like CLIP Text Encode and outputs the token alignment (mapper/alphas) and "
-                "the subject token positions the swap sampler and LocalBlend need."),
+                "the subject token positions the swap sampler and LocalBlend need. Several subjects: separate the "
+                "subject words and the concepts with ';' ('cat; mug' → 'sks dog; zwx cup', or chain Concept "
+                "Loaders); a region word per pair restricts that pair's swap to where the word's cross-attention is "
+                "('head'); one subject word twice with two regions composes it from two concepts."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the model (SD1.x, SD2.x or SDXL), e.g. from the Photoswap "
                                               "Concept Loader or a checkpoint loader."),
@@ -26,19 +29,27 @@ class PhotoswapPromptPair(io.ComfyNode):
                                 tooltip="Describes the source image. Must contain the subject word."),
                 io.String.Input("subject_word", default="cat",
                                 tooltip="The word in the source prompt naming the subject to replace (e.g. 'cat'). "
-                                        "Its cross-attention drives LocalBlend on the source side."),
+                                        "Its cross-attention drives LocalBlend on the source side. Several subjects: "
+                                        "'cat; mug' (one concept each, same order)."),
                 io.String.Input("concept_words", default="sks dog",
                                 tooltip="The words naming the new concept, e.g. 'sks dog' (DreamBooth) or "
-                                        "'embedding:name' (textual inversion). Overridden by a connected concept."),
+                                        "'embedding:name' (textual inversion); several: 'sks dog; zwx cup'. "
+                                        "Overridden by a connected concept."),
                 io.String.Input("target_prompt", multiline=True, default="", optional=True,
                                 tooltip="Optional explicit target prompt; it must contain the concept words. Empty = "
                                         "the source prompt with the subject word replaced by the concept words."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt, encoded like CLIP Text Encode (used where a sampler needs a "
                                         "negative conditioning, e.g. for a synthetic source image)."),
+                io.String.Input("region_words", default="", optional=True,
+                                tooltip="Optional part-level swap: per pair, a word of the source prompt ('head', "
+                                        "'hat') whose cross-attention map is the only place that pair's swap and "
+                                        "blend act; ';'-separated in pair order, empty items = the whole subject. "
+                                        "Outside every region the result is the source."),
                 Concept.Input("concept", optional=True,
-                              tooltip="A PHOTOSWAP_CONCEPT from the Photoswap Concept Loader; when connected its words "
-                                      "replace concept_words."),
+                              tooltip="A PHOTOSWAP_CONCEPT from the Photoswap Concept Loader (or the last of chained "
+                                      "loaders: one concept per subject word); when connected its words replace "
+                                      "concept_words."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="source_positive",
@@ -54,9 +65,9 @@ class PhotoswapPromptPair(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, source_prompt, subject_word, concept_words, target_prompt="", negative_prompt="",
-                concept=None) -> io.NodeOutput:
+                region_words="", concept=None) -> io.NodeOutput:
         source, target, negative, pair = encode_prompt_pair(clip, source_prompt, subject_word, concept_words,
-                                                            target_prompt, negative_prompt, concept)
+                                                            target_prompt, negative_prompt, concept, region_words)
         return io.NodeOutput(source, target, negative, pair)
 
 

@@ -120,7 +120,8 @@ class PhotoswapAttentionSwapSampler(io.ComfyNode):
                                  tooltip="LocalBlend (official code): outside the subject masks the target latent is "
                                          "pulled back to the source, keeping the background."),
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
-                               tooltip="LocalBlend mask threshold on the normalised subject attention (0.3)."),
+                               tooltip="LocalBlend mask threshold on the normalised subject attention (0.3); also "
+                                       "the threshold of the region words' maps."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="LocalBlend starts after this fraction of the steps (0.2)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
@@ -129,26 +130,36 @@ class PhotoswapAttentionSwapSampler(io.ComfyNode):
                 io.Boolean.Input("force_lockstep", default=False,
                                  tooltip="Ignore recorded tensors and run source and target rows together (slower, "
                                          "no trace memory; same result)."),
+                io.Mask.Input("region_mask", optional=True,
+                              tooltip="Optional explicit region (any ComfyUI mask, white = swap): outside it the "
+                                      "result is the source, inside it the swap; combined with the Prompt Pair's "
+                                      "region words. Resized to the latent by area averaging; one mask."),
             ],
             outputs=[
                 io.Latent.Output(display_name="swapped", tooltip="The target latent (decode with VAE Decode)."),
                 io.Latent.Output(display_name="source", tooltip="The source reconstruction latent."),
                 io.Mask.Output(display_name="blend_mask",
-                               tooltip="The last LocalBlend mask at image size (all ones when LocalBlend is off)."),
+                               tooltip="The last mask the swap used at image size: LocalBlend's, within the regions, "
+                                       "all subject pairs united (all ones when neither LocalBlend nor a region is "
+                                       "on)."),
+                io.Mask.Output(display_name="pair_masks",
+                               tooltip="The same per subject pair, as a batch (one mask per pair, in the Prompt "
+                                       "Pair's order)."),
             ],
         )
 
     @classmethod
     def execute(cls, model, trace, target_positive, negative, prompts, self_output=0.8, self_map=0.0, cross_map=0.6,
                 local_blend=True, blend_threshold=0.3, blend_start=0.2, cfg=7.5,
-                force_lockstep=False) -> io.NodeOutput:
+                force_lockstep=False, region_mask=None) -> io.NodeOutput:
         from ..photoswap_core.swap_rules import SwapWindows
         from ..photoswap_core.swap_sampler import swap_images
 
         windows = SwapWindows(self_output, self_map, cross_map, local_blend, blend_threshold, blend_start)
-        swapped, source, mask = swap_images(model, trace, target_positive, negative, prompts, windows, cfg,
-                                            lockstep=force_lockstep, callback=_progress())
-        return io.NodeOutput(swapped, source, mask)
+        swapped, source, mask, pair_masks = swap_images(model, trace, target_positive, negative, prompts, windows,
+                                                        cfg, lockstep=force_lockstep, callback=_progress(),
+                                                        region_mask=region_mask)
+        return io.NodeOutput(swapped, source, mask, pair_masks)
 
 
 NODES = [PhotoswapAttentionRecorder, PhotoswapAttentionSwapSampler]

@@ -5,5 +5,5 @@ CATEGORY = "photoswap"
 
 Inversion = io.Custom("PHOTOSWAP_INVERSION")  # photoswap_core.inversion.InversionResult
 SourceTrace = io.Custom("PHOTOSWAP_SOURCE_TRACE")  # photoswap_core.trace.SourceTrace
-Prompts = io.Custom("PHOTOSWAP_PROMPTS")  # photoswap_core.alignment.PromptPair
-Concept = io.Custom("PHOTOSWAP_CONCEPT")  # photoswap_core.concept.Concept
+Prompts = io.Custom("PHOTOSWAP_PROMPTS")  # photoswap_core.prompts.PromptPair
+Concept = io.Custom("PHOTOSWAP_CONCEPT")  # photoswap_core.concept.Concept or ConceptChain

@@ -1,4 +1,4 @@
-"""Prompt bookkeeping for Photoswap: the source/target prompt pair, their token alignment and the subject tokens.
+"""Token bookkeeping for Photoswap: the prompts' token ids, their alignment, and where a word's tokens are.
 
 Reference semantics (eric-ai-lab/photoswap `utils.py`, reproduced here in our own code):
 
@@ -21,7 +21,7 @@ Reference semantics (eric-ai-lab/photoswap `utils.py`, reproduced here in our ow
   i.e. whose BPE string ends in "</w>"); its end is a boundary by construction. "man" is thus found in "a man, walking"
   but not in "superman" or "woman".
 
-* Target positions: the reference blends the target row on the concept's *identifier* ("sks"), not its class word.
+* Target positions (`prompts.build_prompt_pair`): the reference blends the target row on the concept's *identifier* ("sks"), not its class word.
   Rule (`clip_tokens.split_identifier`, shared with the concept report): the identifier is the concept words with
   the class word removed (its last whole-word occurrence). The class word is the given one (`class_word`, e.g. from
   a PHOTOSWAP_CONCEPT; an empty string means "no class word"); when it is not given (`None`, typed words): the
@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .clip_tokens import CONTEXT_TOKENS, EMBEDDING_PREFIX, content_tokens, primary_tokenizer, split_identifier
+from .clip_tokens import CONTEXT_TOKENS, content_tokens, primary_tokenizer
 from .clip_tokens import tokenizer_of  # noqa: F401  (part of this module's API: the prompt stage's tokenizer)
 from .errors import PhotoswapInputError
 
@@ -123,7 +123,7 @@ class PromptTokenizer:
         return ["<embedding>" if i < 0 else str(self.hf.convert_ids_to_tokens(int(i))) for i in ids]
 
 
-def _as_prompt_tokenizer(tokenizer) -> PromptTokenizer:
+def as_prompt_tokenizer(tokenizer) -> PromptTokenizer:
     if isinstance(tokenizer, PromptTokenizer):
         return tokenizer
     if hasattr(tokenizer, "tokenize") and hasattr(tokenizer, "encode_from_tokens_scheduled"):  # a ComfyUI CLIP
@@ -178,7 +178,7 @@ def align_prompts(tokenizer, source_ids: Sequence[int], target_ids: Sequence[int
     """
     for name, ids in (("source_prompt", source_ids), ("target_prompt", target_ids)):
         if len(ids) > max_len:
-            raise _too_long_error(name, len(ids), max_len, tokenizer, ids)
+            raise too_long_error(name, len(ids), max_len, tokenizer, ids)
     aligned = _global_alignment(list(source_ids), list(target_ids))
     m = len(aligned)
     mapper = tuple(aligned) + tuple(range(m, max_len))
@@ -186,11 +186,11 @@ def align_prompts(tokenizer, source_ids: Sequence[int], target_ids: Sequence[int
     return mapper, alphas
 
 
-def _too_long_error(name, count, limit, tokenizer, ids):
+def too_long_error(name, count, limit, tokenizer, ids):
     shown = ""
     if tokenizer is not None:
         try:
-            pieces = _as_prompt_tokenizer(tokenizer).describe(ids[limit - 1:limit + 5])
+            pieces = as_prompt_tokenizer(tokenizer).describe(ids[limit - 1:limit + 5])
             shown = f" (the text from token {limit - 1} on starts: {' '.join(p.replace('</w>', '') for p in pieces)})"
         except Exception:  # noqa: BLE001 - the message is a courtesy
             shown = ""
@@ -207,7 +207,7 @@ def _too_long_error(name, count, limit, tokenizer, ids):
 _LETTER = r"[^\W\d_]"
 
 
-def _word_pattern(word: str) -> re.Pattern:
+def word_pattern(word: str) -> re.Pattern:
     """Whole-word, case-insensitive match of `word` in text, with boundaries where CLIP's pre-tokenizer has them."""
     words = word.split()
     body = r"\s+".join(re.escape(w) for w in words)
@@ -216,7 +216,7 @@ def _word_pattern(word: str) -> re.Pattern:
     return re.compile(before + body + after, re.IGNORECASE)
 
 
-def _occurrences(ids: Sequence[int], word_ids: Sequence[int], tok: PromptTokenizer) -> list[int]:
+def occurrences(ids: Sequence[int], word_ids: Sequence[int], tok: PromptTokenizer) -> list[int]:
     """Start indices of whole-word occurrences of `word_ids` in `ids` (word boundary before the start)."""
     k = len(word_ids)
     if k == 0:
@@ -233,13 +233,13 @@ def _occurrences(ids: Sequence[int], word_ids: Sequence[int], tok: PromptTokeniz
 def word_token_positions(tokenizer, prompt: str, word: str) -> tuple[int, ...]:
     """All token positions (BOS = 0) of every whole-word occurrence of `word` in `prompt` (reference get_word_inds,
     robust to punctuation and case; see module docstring). `tokenizer`: HF tokenizer, PromptTokenizer or CLIP."""
-    tok = _as_prompt_tokenizer(tokenizer)
+    tok = as_prompt_tokenizer(tokenizer)
     ids = tok.encode(prompt)
     word_ids = tok.content_ids(word.strip())
-    return tuple(p + d for p in _occurrences(ids, word_ids, tok) for d in range(len(word_ids)))
+    return tuple(p + d for p in occurrences(ids, word_ids, tok) for d in range(len(word_ids)))
 
 
-def _words_of(prompt: str, limit: int = 30) -> str:
+def words_of(prompt: str, limit: int = 30) -> str:
     seen = []
     for w in re.findall(r"embedding:\S+|[\w'-]+", prompt):
         w = w.strip("'-")
@@ -257,164 +257,4 @@ def make_target_prompt(source_prompt: str, subject_word: str, concept_words: str
     if not subject:
         return source_prompt
     concept = " ".join(concept_words.split())
-    return _word_pattern(subject).sub(lambda _m: concept, source_prompt)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The pair
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PromptPair:
-    """The PHOTOSWAP_PROMPTS object: both prompts, their token ids, the alignment and the subject token positions.
-
-    `source_ids`/`target_ids`: BOS ... EOS, unpadded (HF `encode` for plain prompts; see module docstring).
-    `mapper`/`alphas`: 77 entries each, reference `get_mapper` semantics.
-    `source_subject_positions`: token positions of the subject word in the source prompt (all occurrences).
-    `target_subject_positions`: token positions of the concept identifier ("sks") in the target prompt.
-    """
-
-    source_prompt: str
-    target_prompt: str
-    subject_word: str
-    concept_words: str
-    source_ids: tuple
-    target_ids: tuple
-    mapper: tuple
-    alphas: tuple
-    source_subject_positions: tuple
-    target_subject_positions: tuple
-    class_word: str = ""
-    identifier_words: str = ""
-    max_len: int = MAX_TOKENS
-
-    def mapper_tensor(self, device=None) -> torch.Tensor:
-        """mapper as int64 (max_len,); -1 entries are kept (their alpha is 0)."""
-        return torch.tensor(self.mapper, dtype=torch.int64, device=device)
-
-    def alphas_tensor(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """alphas as (max_len,) float."""
-        return torch.tensor(self.alphas, dtype=dtype, device=device)
-
-    def describe(self) -> str:
-        return (f"source: {self.source_prompt!r} (subject '{self.subject_word}' at {list(self.source_subject_positions)})"
-                f"\ntarget: {self.target_prompt!r} (concept '{self.identifier_words}' at "
-                f"{list(self.target_subject_positions)})\nnew target tokens (alpha 0): "
-                f"{[j for j, a in enumerate(self.alphas) if a == 0.0]}")
-
-
-def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_words: str,
-                      target_prompt: str | None = None, class_word: str | None = None,
-                      max_len: int = MAX_TOKENS) -> PromptPair:
-    """Validate the inputs and build the PromptPair.
-
-    tokenizer: a HF CLIP tokenizer, a PromptTokenizer, or a ComfyUI CLIP (then ComfyUI's own tokenization is used).
-    target_prompt: None or blank -> `make_target_prompt(source_prompt, subject_word, concept_words)`.
-    class_word: the class noun inside the concept words (None: inferred, "" : none) — decides the identifier tokens
-    used as the target's LocalBlend word.
-    Every failure raises PhotoswapInputError naming the input and the fix.
-    """
-    tok = _as_prompt_tokenizer(tokenizer)
-    source_prompt, subject, concept = _required_words(source_prompt, subject_word, concept_words)
-    source_ids = tok.encode(source_prompt)
-    if len(source_ids) > max_len:
-        raise _too_long_error("source_prompt", len(source_ids), max_len, tok, source_ids)
-    subject_ids = tok.content_ids(subject)
-    subject_starts = _occurrences(source_ids, subject_ids, tok)
-    if not subject_starts:
-        raise PhotoswapInputError(
-            "subject_word", f"a word of the source prompt; '{subject}' does not occur in "
-            f"{source_prompt.strip()!r} as a whole word",
-            f"use one of its words: {_words_of(source_prompt)} (or add '{subject}' to the source prompt)")
-    concept_ids = tok.content_ids(concept)
-    _check_embeddings(tok, concept, concept_ids)
-    target, target_ids, concept_starts = _target_side(tok, source_prompt, subject, len(subject_starts), concept,
-                                                      concept_ids, target_prompt, max_len)
-    identifier, cls, target_positions = _identifier_positions(tok, concept, concept_ids, concept_starts, subject,
-                                                              class_word)
-    source_positions = tuple(s + d for s in subject_starts for d in range(len(subject_ids)))
-    mapper, alphas = align_prompts(tok, source_ids, target_ids, max_len)
-    return PromptPair(
-        source_prompt=source_prompt, target_prompt=target, subject_word=subject, concept_words=concept,
-        source_ids=tuple(source_ids), target_ids=tuple(target_ids), mapper=mapper, alphas=alphas,
-        source_subject_positions=source_positions, target_subject_positions=target_positions,
-        class_word=cls, identifier_words=identifier, max_len=max_len)
-
-
-def _required_words(source_prompt, subject_word, concept_words) -> tuple[str, str, str]:
-    """(source prompt, subject word, concept words), each present; concept words with single spaces."""
-    source_prompt = source_prompt if isinstance(source_prompt, str) else ""
-    if not source_prompt.strip():
-        raise PhotoswapInputError("source_prompt", "a prompt describing the source image (e.g. 'A photo of a cat')",
-                                  "type the source prompt; it must contain the subject word")
-    subject = (subject_word or "").strip()
-    if not subject:
-        raise PhotoswapInputError("subject_word", "the word of the source prompt that names the subject to swap",
-                                  f"type one of the source prompt's words: {_words_of(source_prompt)}")
-    concept = " ".join((concept_words or "").split())
-    if not concept:
-        raise PhotoswapInputError("concept_words", "the words that name the new concept (e.g. 'sks dog')",
-                                  "type the concept words or connect a PHOTOSWAP_CONCEPT from the concept loader")
-    return source_prompt, subject, concept
-
-
-def _target_side(tok, source_prompt, subject, subject_count, concept, concept_ids, target_prompt, max_len):
-    """(target prompt, its ids, start indices of the concept words in it): the explicit target prompt, or the source
-    prompt with the subject word replaced by the concept words."""
-    explicit = target_prompt is not None and bool(target_prompt.strip())
-    if explicit:
-        target = target_prompt
-    else:
-        if subject_count > 1:
-            raise PhotoswapInputError(
-                "target_prompt", f"an explicit target prompt, because the subject word '{subject}' occurs "
-                f"{subject_count} times in the source prompt and the automatic replacement would be ambiguous",
-                f"write the target prompt yourself with the concept words '{concept}' where the subject should change "
-                f"(or make '{subject}' occur once in the source prompt)")
-        target = make_target_prompt(source_prompt, subject, concept)
-    target_ids = tok.encode(target)
-    if len(target_ids) > max_len:
-        name = "target_prompt" if explicit else "concept_words"
-        fix_hint = "" if explicit else (" (the target prompt is the source prompt with the subject word replaced by "
-                                        "the concept words)")
-        err = _too_long_error("target_prompt", len(target_ids), max_len, tok, target_ids)
-        raise PhotoswapInputError(name, err.expected + fix_hint, err.fix)
-    concept_starts = _occurrences(target_ids, concept_ids, tok)
-    if not concept_starts:
-        if explicit:
-            raise PhotoswapInputError(
-                "target_prompt", f"a target prompt that contains the concept words '{concept}'; "
-                f"{target.strip()!r} does not", f"add '{concept}' to the target prompt where the subject should be, "
-                "or leave the target prompt empty to build it from the source prompt")
-        raise PhotoswapInputError(  # cannot happen for plain words; guards odd tokenizations
-            "concept_words", f"words that survive tokenization inside the target prompt {target!r}",
-            "use plain words for the concept (letters and digits)")
-    return target, target_ids, concept_starts
-
-
-def _identifier_positions(tok, concept, concept_ids, concept_starts, subject, class_word):
-    """(identifier words, class word, target token positions of the identifier in every concept occurrence)."""
-    split = split_identifier(concept, class_word, subject_word=subject)
-    identifier, cls = split.identifier or concept, split.class_word
-    identifier_ids = tok.content_ids(identifier)
-    offsets = _occurrences(concept_ids, identifier_ids, tok)
-    offset = offsets[0] if offsets else 0
-    if not offsets:  # tokenization of the identifier differs inside the concept words: use all concept tokens
-        identifier, identifier_ids = concept, concept_ids
-    positions = tuple(s + offset + d for s in concept_starts for d in range(len(identifier_ids)))
-    return identifier, cls, positions
-
-
-def _check_embeddings(tok: PromptTokenizer, concept: str, concept_ids: list[int]) -> None:
-    """An `embedding:name` in the concept words that ComfyUI could not load vanishes from the tokens: say so."""
-    for word in concept.split() if tok.uses_comfy else ():
-        if word.lower().startswith(EMBEDDING_PREFIX):
-            ids = tok.content_ids(word)
-            if not ids:
-                name = word[len(EMBEDDING_PREFIX):]
-                raise PhotoswapInputError(
-                    "concept_words", f"a textual-inversion embedding ComfyUI can load; '{name}' was not found",
-                    "put the embedding file into ComfyUI's models/embeddings folder and write it as "
-                    f"'embedding:<file name without extension>' (got '{word}')")
-    if not concept_ids:
-        raise PhotoswapInputError("concept_words", "words that produce at least one token",
-                                  "type the concept words, e.g. 'sks dog'")
+    return word_pattern(subject).sub(lambda _m: concept, source_prompt)

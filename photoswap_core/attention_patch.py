@@ -21,7 +21,7 @@ from enum import Enum
 import torch
 
 from . import swap_rules
-from .blend import apply_blend, blend_mask
+from .blend import SwapMasks
 from .trace import TensorKind, TraceKey
 
 PATCH_KEY = "photoswap"
@@ -33,14 +33,17 @@ class RunMode(str, Enum):
     TARGET = "target"
 
 
-def explicit_cross_maps(q, k, heads: int, attn_precision=None) -> torch.Tensor:
-    """softmax(q kᵀ / √d) per head: q [B, Nq, H·d], k [B, Nk, H·d] → [B, H, Nq, Nk]."""
+def explicit_cross_maps(q, k, heads: int, attn_precision=None, allowed=None) -> torch.Tensor:
+    """softmax(q kᵀ / √d) per head: q [B, Nq, H·d], k [B, Nk, H·d] → [B, H, Nq, Nk]; `allowed` [Nq, Nk] (bool)
+    masks the logits of the columns a query may not attend to."""
     b, nq, inner = q.shape
     d = inner // heads
     dtype = torch.float32 if attn_precision == torch.float32 else q.dtype
     qh = q.reshape(b, nq, heads, d).transpose(1, 2).to(dtype)
     kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).to(dtype)
     sim = torch.matmul(qh, kh.transpose(-1, -2)) * (d ** -0.5)
+    if allowed is not None:
+        sim = sim.masked_fill(~allowed, float("-inf"))
     return sim.softmax(dim=-1)
 
 
@@ -60,7 +63,8 @@ class SwapRun:
     """
 
     def __init__(self, arch, mode: RunMode, steps, windows, source_store=None, source_blend_maps=None, prompts=None,
-                 null_embeddings=None, source_kwargs=None, uncond_kwargs=None, recorder=None, device=None):
+                 null_embeddings=None, source_kwargs=None, uncond_kwargs=None, recorder=None, device=None,
+                 source_blend_grid=None, region_mask=None):
         self.arch = arch
         self.mode = RunMode(mode)
         self.steps = steps
@@ -72,21 +76,29 @@ class SwapRun:
         self.source_kwargs = source_kwargs or {}  # {'c_crossattn': [1,T,C], 'y': [1,adm]} for the source cond row
         self.uncond_kwargs = uncond_kwargs or {}  # {'y': …} for uncond rows
         self.recorder = recorder  # record mode (and lockstep): a TraceRecorder
+        self.source_blend_grid = source_blend_grid  # (h_b, w_b) of the source maps (a trace's; lockstep: recorder's)
         self.step = 0
-        self.begin_run()
+        # made on the compute device once, here: built or copied inside the patch, each would be a blocking
+        # host-to-device copy (a host-device synchronisation) at every layer call on a GPU
+        self.masks = None
         if prompts is not None:
-            # made on the compute device once, here: built or copied inside the patch, each would be a blocking
-            # host-to-device copy (a host-device synchronisation) at every layer call on a GPU
             self._mapper = prompts.mapper_tensor(device)
             self._alphas = prompts.alphas_tensor(device)
-            self._src_cols = torch.tensor(prompts.source_subject_positions, dtype=torch.int64, device=device)
-            self._tgt_cols = torch.tensor(prompts.target_subject_positions, dtype=torch.int64, device=device)
+            self.masks = SwapMasks(prompts, windows, steps, device, region_mask)
+        self.begin_run()
 
     def begin_run(self):
         self.step = 0
-        self.blend_source = None
-        self.blend_target = None
-        self.blend_grid = None
+        if self.masks is not None:
+            self.masks.reset()
+
+    def begin_step(self, step: int, latent_hw: tuple) -> None:
+        """Target pass, before the target call of `step`: the source maps of the step (recorded, or just computed by
+        the lockstep record call) and this step's regions."""
+        source_map = self.source_blend_maps[step] if self.source_blend_maps is not None else None
+        self.masks.add_source(source_map)
+        grid = self.source_blend_grid or (self.recorder.blend_grid if self.recorder is not None else None)
+        self.masks.begin_step(latent_hw, grid)
 
     # ---- row bookkeeping ------------------------------------------------------------------------------------
     def _chunks(self, extra, batch):
@@ -138,16 +150,20 @@ class SwapRun:
             self.recorder.record_self(i, layer, chunks, q, k, out, self.arch.self_map_layer(level))
             return out
         store = self.source_store
+        region = self.masks.query_weight(self.arch.token_grid(extra))
         if swap_rules.output_swap_active(i, n, w):
             for c in chunks:
                 self._log("self_output", layer, c)
-            return torch.cat([store.get(TraceKey.self_out(i, layer, c), q.device) for c in chunks]).to(q.dtype)
+            out = torch.cat([store.get(TraceKey.self_out(i, layer, c), q.device) for c in chunks]).to(q.dtype)
+            return out if region is None else torch.lerp(self._plain(prior, q, k, v, extra), out, region.to(q.dtype))
         if swap_rules.map_swap_active(i, n, w) and self.arch.self_map_layer(level) and 0 in chunks:
             ci = chunks.index(0)
             self._log("self_map", layer, 0)
-            q, k = q.clone(), k.clone()
-            q[ci] = store.get(TraceKey.self_q(i, layer), q.device)
-            k[ci] = store.get(TraceKey.self_k(i, layer), q.device)
+            q_s, k_s = q.clone(), k.clone()
+            q_s[ci] = store.get(TraceKey.self_q(i, layer), q.device)
+            k_s[ci] = store.get(TraceKey.self_k(i, layer), q.device)
+            out = self._plain(prior, q_s, k_s, v, extra)
+            return out if region is None else torch.lerp(self._plain(prior, q, k, v, extra), out, region.to(q.dtype))
         return self._plain(prior, q, k, v, extra)
 
     # ---- cross-attention ----------------------------------------------------------------------------------------
@@ -163,13 +179,17 @@ class SwapRun:
         ci = chunks.index(0)
         heads, precision = extra["n_heads"], extra.get("attn_precision")
         grid = self.arch.token_grid(extra)
-        maps = explicit_cross_maps(q[ci:ci + 1], k[ci:ci + 1], heads, precision)  # [1, H, Nq, T]
-        if self.mode is RunMode.RECORD:
+        target = self.mode is RunMode.TARGET
+        allowed = self.masks.allowed_columns(grid, k.shape[1]) if target else None
+        maps = explicit_cross_maps(q[ci:ci + 1], k[ci:ci + 1], heads, precision, allowed)  # [1, H, Nq, T]
+        if not target:
             self.recorder.record_cross(self.step, layer, q[ci], k[ci], maps if at_blend else None, grid)
         elif swap_rules.cross_swap_active(self.step, self.steps, self.windows):
-            maps = self._swapped_cross_maps(layer, maps, q, heads, precision)
-        if self.mode is RunMode.TARGET and at_blend and self.windows.local_blend:
-            self._accumulate_blend(maps[..., self._tgt_cols].sum(-1).mean(1)[0].float(), grid)
+            swapped = self._swapped_cross_maps(layer, maps, q, heads, precision)
+            region = self.masks.query_weight(grid)
+            maps = swapped if region is None else torch.lerp(maps, swapped, region.to(maps.dtype))
+        if target and at_blend and self.windows.local_blend:
+            self.masks.add_target(maps, grid)
         cond_out = maps_times_values(maps, v[ci:ci + 1], heads).to(q.dtype)
         if prior is not None:
             # another pack's patch (IP-Adapter …) keeps its effect on every row and step: the cond row gets the
@@ -192,23 +212,10 @@ class SwapRun:
         alphas = self._alphas.to(maps.dtype)  # already on the device: a cast, no transfer
         return s_maps[..., self._mapper] * alphas + maps * (1 - alphas)
 
-    def _accumulate_blend(self, tgt_cols, grid):
-        self.blend_grid = grid
-        self.blend_target = tgt_cols if self.blend_target is None else self.blend_target + tgt_cols
-
     # ---- between steps --------------------------------------------------------------------------------------------
     def end_step(self, step: int, x_source_k: torch.Tensor, x_target_k: torch.Tensor):
-        """LocalBlend after a target step; returns (new target latent, mask or None)."""
-        source_map = self.source_blend_maps[step] if self.windows.local_blend else None
-        if source_map is not None:
-            cols = source_map[..., self._src_cols].sum(-1)
-            self.blend_source = cols if self.blend_source is None else self.blend_source + cols
-        if not swap_rules.blend_active(step, self.steps, self.windows) or self.blend_target is None:
-            return x_target_k, None
-        h, w = self.blend_grid
-        mask = blend_mask(self.blend_source.reshape(h, w), self.blend_target.reshape(h, w),
-                          x_target_k.shape[-2:], self.windows.blend_threshold).to(x_target_k.device)
-        return apply_blend(x_source_k, x_target_k, mask), mask
+        """LocalBlend and the regions after a target step; returns (new target latent, mask or None)."""
+        return self.masks.end_step(step, x_source_k, x_target_k)
 
     # ---- conditioning rows (APPLY_MODEL wrapper) ------------------------------------------------------------------
     def rewrite_inputs(self, c_crossattn, control, transformer_options, kwargs):

@@ -21,10 +21,10 @@ def _normalise(m: torch.Tensor) -> torch.Tensor:
 class _Capture:
     """Replace patches that keep the cond row's maps at the blend layers and compute plain attention."""
 
-    def __init__(self, arch, columns):
+    def __init__(self, arch, column_sets):
         self.arch = arch
-        self.columns = columns
-        self.cross = []
+        self.column_sets = column_sets  # one list of token positions per subject pair
+        self.cross = []  # per blend-layer call: ([per pair: subject-column map], grid)
         self.self_maps = []
 
     def patch(self, role, layer, prior):
@@ -34,15 +34,15 @@ class _Capture:
                 grid = self.arch.token_grid(extra)
                 maps = explicit_cross_maps(q[-1:], k[-1:], heads, torch.float32)  # last row: the cond row
                 if role == "cross":
-                    self.cross.append((maps[..., self.columns].sum(-1).mean(1)[0], grid))
+                    self.cross.append(([maps[..., c].sum(-1).mean(1)[0] for c in self.column_sets], grid))
                 else:
                     self.self_maps.append((maps.mean(1)[0], grid))
             return self.arch.attention(q, k, v, extra)
         return fn
 
 
-def _maps_at(model, arch, trace, step, conditioning, columns):
-    capture = _Capture(arch, columns)
+def _maps_at(model, arch, trace, step, conditioning, column_sets):
+    capture = _Capture(arch, column_sets)
     patched = model.clone()
     arch.install_attention_patches(patched, capture.patch)
     evaluator = DirectEvaluator(patched, trace.latent_shape, arch=arch)
@@ -55,17 +55,20 @@ def _maps_at(model, arch, trace, step, conditioning, columns):
 
 def attention_previews(model, trace, prompts, target_positive, step_fraction: float,
                        blend_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """IMAGE batch [4, H, W, 3] at image size: source subject map, target concept map (on the source layout),
-    LocalBlend mask, top SVD component of the source self-attention maps; each normalised to [0, 1]."""
+    """IMAGE batch [2P + 2, H, W, 3] at image size: per subject pair its source subject map and target concept map
+    (on the source layout), then the blend mask and the top SVD component of the source self-attention maps; each
+    normalised to [0, 1]."""
     arch = check_trace(model, trace)
     image_hw = arch.latent.pixels(trace.latent_shape[-2:])
     step = min(trace.steps - 1, max(0, int(step_fraction * trace.steps)))
     maps_at = functools.partial(_maps_at, model, arch, trace, step)
-    src = maps_at(trace.source_conditioning, list(prompts.source_subject_positions))
-    tgt = maps_at(target_positive, list(prompts.target_subject_positions))
+    src = maps_at(trace.source_conditioning, [list(s.source_positions) for s in prompts.subjects])
+    tgt = maps_at(target_positive, [list(s.target_positions) for s in prompts.subjects])
     h, w = src.cross[0][1]
-    src_map = torch.stack([m for m, _ in src.cross]).mean(0).reshape(h, w)
-    tgt_map = torch.stack([m for m, _ in tgt.cross]).mean(0).reshape(h, w)
+    pair_maps = []
+    for p in range(len(prompts.subjects)):
+        for capture in (src, tgt):
+            pair_maps.append(torch.stack([maps[p] for maps, _ in capture.cross]).mean(0).reshape(h, w))
     self_map = torch.stack([m for m, _ in src.self_maps]).mean(0)  # [tokens, tokens]
     u, _, _ = torch.linalg.svd(self_map.float())
     component = u[:, 0].reshape(h, w)
@@ -75,7 +78,7 @@ def attention_previews(model, trace, prompts, target_positive, step_fraction: fl
     else:
         blend = blend_mask.float().reshape(-1, *blend_mask.shape[-2:])[0]
     panels = []
-    for panel in (src_map, tgt_map, blend, component):
+    for panel in (*pair_maps, blend, component):
         panel = _normalise(panel.cpu())[None, None]
         panel = F.interpolate(panel, size=tuple(image_hw), mode="nearest")[0, 0]
         panels.append(panel.unsqueeze(-1).expand(*image_hw, 3))

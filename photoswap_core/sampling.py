@@ -27,7 +27,7 @@ class SamplingPlan:
     step_recorder: object | None = None  # target pass in lockstep: a TraceRecorder for one step at a time
     source_steps_out: list = field(default_factory=list)  # record pass: the source's own step results
     generated_vp: list = field(default_factory=list)  # synthetic record pass: the source latents, model space
-    last_mask: torch.Tensor | None = None  # target pass: the last LocalBlend mask
+    last_mask: torch.Tensor | None = None  # target pass: the last mask LocalBlend and the regions used
 
 
 def _euler(x, denoised, sigma, sigma_next):
@@ -65,6 +65,7 @@ def _target_step(model, x, i, sigmas, s_in, extra_args, run: SwapRun, plan: Samp
         source_step = _euler(traj[i], src_denoised, sigmas[i], sigmas[i + 1])
     else:
         source_step = plan.source_steps[i]
+    run.begin_step(i, tuple(x.shape[-2:]))
     denoised = model(x, sigmas[i] * s_in, **extra_args)
     x_next = _euler(x, denoised, sigmas[i], sigmas[i + 1])
     source = traj[i + 1]

@@ -32,8 +32,28 @@ class SwapMode(str, Enum):
 class SwapResult(NamedTuple):
     target: torch.Tensor  # LATENT samples of the swapped target
     source: torch.Tensor  # LATENT samples of the source reconstruction
-    mask: torch.Tensor | None  # the last LocalBlend mask [1, 1, h, w] (latent size), None when it never ran
+    mask: torch.Tensor | None  # the last combined mask [1, 1, h, w] (latent size), None when none was used
     mode: SwapMode
+    pair_masks: torch.Tensor | None = None  # the last mask of each subject pair [P, 1, h, w], or None
+
+
+def region_at_latent(mask, latent_hw: tuple) -> torch.Tensor | None:
+    """An explicit region (a ComfyUI MASK [H, W] or [1, H, W], any size, values in [0, 1]) as [1, 1, h, w] at the
+    latent size: resized by area averaging (a block of pixels per latent cell), clamped to [0, 1]."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3):
+        raise PhotoswapInputError("region_mask", f"a MASK [H, W] or [1, H, W] (got {getattr(mask, 'shape', mask)})",
+                                  "connect a mask from a ComfyUI mask node (Load Image (as Mask), Solid Mask, …)")
+    mask = mask.reshape(-1, *mask.shape[-2:])
+    if mask.shape[0] != 1:
+        raise PhotoswapInputError(
+            "region_mask", f"one mask for the one image (got a batch of {mask.shape[0]})",
+            "pick one mask of the batch (e.g. with the core Mask From Batch / ImageFromBatch nodes)")
+    if not torch.isfinite(mask).all():
+        raise PhotoswapInputError("region_mask", "finite mask values (found NaN or Inf)", "check the mask's source")
+    resized = torch.nn.functional.interpolate(mask[None].float().cpu(), size=tuple(latent_hw), mode="area")
+    return resized.clamp(0.0, 1.0)
 
 
 def check_trace(model, trace: SourceTrace, input_name: str = "trace"):
@@ -66,12 +86,13 @@ def choose_mode(trace: SourceTrace, windows, cfg: float, lockstep: bool) -> Swap
 
 
 def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows, cfg, lockstep=False,
-         callback=None) -> SwapResult:
-    """The target pass."""
+         callback=None, region_mask=None) -> SwapResult:
+    """The target pass. `region_mask`: an explicit region (a MASK) outside which the result is the source."""
     arch = check_trace(model, trace)
     arch.prompt_entry(model, target_positive, "target_positive")
     arch.prompt_entry(model, negative, "negative")
     mode = choose_mode(trace, windows, cfg, lockstep)
+    region = region_at_latent(region_mask, trace.latent_shape[-2:])
     evaluator = DirectEvaluator(model, trace.latent_shape, arch=arch)
     device = evaluator.device
     plan = SamplingPlan(scales=arch.sampler_scales(trace.schedule.sigmas))
@@ -89,7 +110,9 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
                   null_embeddings=trace.null_embeddings.to(device),
                   source_kwargs=evaluator.model_kwargs(trace.source_conditioning[0]),
                   uncond_kwargs=y_only(evaluator.model_kwargs(trace.negative_conditioning[0])),
-                  recorder=plan.step_recorder, device=device)
+                  recorder=plan.step_recorder, device=device,
+                  source_blend_grid=trace.blend_grid if mode is SwapMode.TRACE else None,
+                  region_mask=None if region is None else region.to(device))
     start = plan.trajectory_k[0]
     try:
         out = sample(patch_model(model, run), run, plan, arch.to_latent(start.cpu()), trace.schedule.sigmas,
@@ -102,18 +125,22 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
     # the same arithmetic as the target row's path (sampler space → LATENT, then the sampler-space factor), so equal
     # rows give equal outputs
     source = arch.to_latent(plan.trajectory_k[-1].to(out.device)) / final_scale
-    return SwapResult(target, source, plan.last_mask, mode)
+    return SwapResult(target, source, plan.last_mask, mode, run.masks.pair_masks)
 
 
 def swap_images(model, trace: SourceTrace, target_positive, negative, prompts, windows, cfg, lockstep=False,
-                callback=None):
-    """The Swap Sampler's stage: (swapped LATENT, source LATENT, blend MASK at image size; all ones without
-    LocalBlend)."""
-    result = swap(model, trace, target_positive, negative, prompts, windows, cfg, lockstep, callback)
-    mask = result.mask
+                callback=None, region_mask=None):
+    """The Swap Sampler's stage: (swapped LATENT, source LATENT, combined MASK, per-pair MASK batch), masks at image
+    size; all ones where no mask was used."""
+    result = swap(model, trace, target_positive, negative, prompts, windows, cfg, lockstep, callback, region_mask)
     h, w = result.target.shape[-2:]
-    if mask is None:
-        mask = torch.ones(1, 1, h, w)
-    mask = torch.nn.functional.interpolate(mask.float().cpu(), scale_factor=trace.arch.latent.downscale,
-                                           mode="nearest")[:, 0]
-    return {"samples": result.target.cpu()}, {"samples": result.source.cpu()}, mask
+    pairs = max(1, len(getattr(prompts, "subjects", ()) or ()))
+    mask = result.mask if result.mask is not None else torch.ones(1, 1, h, w)
+    pair_masks = result.pair_masks if result.pair_masks is not None else torch.ones(pairs, 1, h, w)
+
+    def at_image_size(m):
+        return torch.nn.functional.interpolate(m.float().cpu(), scale_factor=trace.arch.latent.downscale,
+                                               mode="nearest")[:, 0]
+
+    return ({"samples": result.target.cpu()}, {"samples": result.source.cpu()}, at_image_size(mask),
+            at_image_size(pair_masks))

@@ -64,7 +64,7 @@ def watched(monkeypatch):
 
         monkeypatch.setattr(cls, name, wrapped)
 
-    for name in ("self_attention", "cross_attention", "end_step", "rewrite_inputs"):
+    for name in ("self_attention", "cross_attention", "end_step", "rewrite_inputs", "begin_step"):
         watch(SwapRun, name)
     for name in ("record_self", "record_cross"):
         watch(TraceRecorder, name)
@@ -127,3 +127,25 @@ def test_prefetch_plan_is_exactly_what_the_patch_reads(tiny_sd15, monkeypatch, w
     for step in range(trace.steps):
         assert reads.get(step, set()) == plans[step], f"step {step}"
     assert any(plans.values()) == (windows != (0.0, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("lockstep", [False, True], ids=["recorded_trace", "lockstep"])
+def test_no_host_device_sync_with_two_pairs_regions_and_a_mask(tiny_sd15, watched, lockstep):
+    """The same with two subject pairs, a region word (composition's column mask, the region lerps) and an explicit
+    region mask: the per-step regions and their per-layer resizes stay on the device."""
+    from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
+    from comfyui_photoswap.photoswap_core.swap_sampler import swap
+    from test_swap_invariants import _encode
+
+    found, calls = watched
+    trace = _trace(tiny_sd15, method="direct")
+    prompts = build_prompt_pair(tiny_sd15.clip, "a photo of a cat", "cat; photo", "sks dog; zwx painting",
+                                region_words="cat; ")
+    mask = torch.zeros(1, 64, 48)
+    mask[:, :40] = 1.0
+    with torch.inference_mode():
+        out = swap(tiny_sd15.model, trace, _encode(tiny_sd15, prompts.target_prompt), _encode(tiny_sd15, ""),
+                   prompts, _windows(0.5, 0.3, 0.6, blend_start=0.0), 7.5, lockstep=lockstep, region_mask=mask)
+    assert torch.isfinite(out.target).all() and out.pair_masks.shape[0] == 2
+    assert calls.get("begin_step", 0) > 0 and calls.get("end_step", 0) > 0
+    assert found == [], found

@@ -9,7 +9,7 @@ def test_attention_preview(tiny_sd15):
     import nodes as core
 
     from comfyui_photoswap.nodes.preview_nodes import PhotoswapAttentionPreview
-    from comfyui_photoswap.photoswap_core.alignment import build_prompt_pair
+    from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
     from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
     from comfyui_photoswap.photoswap_core.recorder import record_trace
 

@@ -27,9 +27,12 @@ REFERENCE_REPO = Path(os.environ.get("PHOTOSWAP_REFERENCE_REPO", "/work/.mirror/
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def A(comfy, pack):
-    from comfyui_photoswap.photoswap_core import alignment
+    """The prompt bookkeeping: alignment.py's token rules and prompts.py's pair, as one namespace."""
+    import types
 
-    return alignment
+    from comfyui_photoswap.photoswap_core import alignment, prompts
+
+    return types.SimpleNamespace(**{**vars(alignment), **vars(prompts)})
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ class Setup:
         args = dict(model=model or self.model, trace=trace or self.trace, target_positive=self.tgt,
                     negative=self.neg, prompts=self.prompts)
         args.update(kwargs)
-        swapped, source, mask = run_node(self.N["Sampler"], **args)
+        swapped, source, mask, _pair_masks = run_node(self.N["Sampler"], **args)
         return swapped["samples"], source["samples"], mask
 
 

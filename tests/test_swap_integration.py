@@ -50,7 +50,7 @@ class Graph:
             record_fraction=record_fraction, record_self_maps=record_self_maps)
 
     def sample(self, target_positive=None, negative=None, prompts=None, model=None, **kwargs):
-        swapped, source, mask = run_node(
+        swapped, source, mask, _pair_masks = run_node(
             self.Sampler, model=model or self.ms.model, trace=self.trace,
             target_positive=self.tgt if target_positive is None else target_positive,
             negative=self.neg if negative is None else negative, prompts=prompts or self.prompts, **kwargs)
@@ -307,3 +307,43 @@ def test_server_real_image_swap_with_inversion(comfy_server):
         assert len(images) == 1 and images[0].is_file(), (node, result.outputs)
         with Image.open(images[0]) as img:
             assert img.size == (96, 64)
+
+
+@pytest.mark.e2e
+def test_server_two_concepts_lora_and_embedding(comfy_server, tmp_path):
+    """Several subjects through /prompt on the full SD1.5: checkpoint → Concept Loader (a kohya LoRA) → Concept
+    Loader (an embedding, `previous` = the first) → Prompt Pair ('cat; bench') → recorder → sampler; the swapped image
+    and one pair mask per subject are saved."""
+    import safetensors.torch
+    from PIL import Image
+    from test_concept import SD15_LORA_TEXT, SD15_LORA_UNET, write_lora
+
+    write_lora(str(tmp_path / "e2e_two_dog.safetensors"), "kohya", SD15_LORA_UNET, SD15_LORA_TEXT, 4, 4.0)
+    vectors = torch.randn((2, 768), generator=torch.Generator().manual_seed(6))
+    safetensors.torch.save_file({"emb_params": vectors}, str(tmp_path / "e2e_two_bench.safetensors"))
+    comfy_server.add_model("loras", tmp_path / "e2e_two_dog.safetensors")
+    comfy_server.add_model("embeddings", tmp_path / "e2e_two_bench.safetensors")
+    loader = {"ckpt_name": "(none)", "diffusers_folder": "(none)", "lora_name": "(none)", "embedding_name": "(none)",
+              "concept_words": "sks dog", "class_word": "", "prefer_metadata": False, "strength_model": 1.0,
+              "strength_clip": 1.0}
+    graph = swap_graph(prefix="photoswap_e2e_two", steps=2)
+    graph["dog"] = {"class_type": "PhotoswapConceptLoader",
+                    "inputs": {**loader, "source": "lora", "lora_name": "e2e_two_dog.safetensors",
+                               "model": ["ckpt", 0], "clip": ["ckpt", 1]}}
+    graph["bench"] = {"class_type": "PhotoswapConceptLoader",
+                      "inputs": {**loader, "source": "embedding", "embedding_name": "e2e_two_bench.safetensors",
+                                 "class_word": "bench", "model": ["dog", 0], "clip": ["dog", 1],
+                                 "previous": ["dog", 3]}}
+    graph["pair"]["inputs"].update(clip=["bench", 1], subject_word="cat; bench", concept=["bench", 3])
+    for node in ("rec", "swap"):
+        graph[node]["inputs"]["model"] = ["bench", 0]
+    graph["masks"] = {"class_type": "MaskToImage", "inputs": {"mask": ["swap", 3]}}
+    graph["save_masks"] = {"class_type": "SaveImage", "inputs": {"images": ["masks", 0],
+                                                                "filename_prefix": "photoswap_e2e_two/masks"}}
+    result = comfy_server.run(graph, timeout=900)
+    swapped = _node_images(comfy_server, result, "save_swap")
+    assert len(swapped) == 1 and swapped[0].is_file(), result.outputs
+    masks = _node_images(comfy_server, result, "save_masks")
+    assert len(masks) == 2  # one mask per subject pair
+    with Image.open(masks[0]) as img:
+        assert img.size == (96, 64)

@@ -19,7 +19,7 @@ def _encode(ms, text):
 
 
 def _prompts(ms, same=False):
-    from comfyui_photoswap.photoswap_core.alignment import build_prompt_pair
+    from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
 
     if same:
         return build_prompt_pair(ms.clip, SRC, "cat", "cat", target_prompt=SRC)

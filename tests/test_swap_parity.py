@@ -46,7 +46,7 @@ CHAOS_BOUND = 0.25
 @pytest.mark.parametrize("case", ["swap_real_c0.6_so0.8_sm0.0", "swap_synthetic_c0.6_so0.8_sm0.0"])
 def test_swap_matches_official(parity, case, pack):
     from comfyui_photoswap.nodes.swap_nodes import PhotoswapAttentionRecorder, PhotoswapAttentionSwapSampler
-    from comfyui_photoswap.photoswap_core.alignment import build_prompt_pair
+    from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
 
     ms = parity["model"]
     text, manifest = parity["text"], parity["manifest"]
@@ -74,7 +74,7 @@ def test_swap_matches_official(parity, case, pack):
         trace = record_trace(ms.model, src, neg, schedule, manifest["guidance_scale"], start_latent_vp=x_t,
                              null_embeddings=nulls, method="null_text" if "real" in case else "synthetic",
                              fraction=max(setting["cross_map_replace_steps"], setting["self_output_replace_steps"]))
-        swapped, source, mask = PhotoswapAttentionSwapSampler.execute(
+        swapped, source, mask, _pair_masks = PhotoswapAttentionSwapSampler.execute(
             ms.model, trace, tgt, neg, prompts, self_output=setting["self_output_replace_steps"],
             self_map=setting["self_map_replace_steps"], cross_map=setting["cross_map_replace_steps"],
             local_blend=True, blend_threshold=0.3, blend_start=0.2, cfg=manifest["guidance_scale"]).result

@@ -52,7 +52,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("self_output,self_map,cross_map,local_blend", SETTINGS)
 def test_swap_matches_official_reference(shared, pack, self_output, self_map, cross_map, local_blend):
     from comfyui_photoswap.nodes.swap_nodes import PhotoswapAttentionSwapSampler
-    from comfyui_photoswap.photoswap_core.alignment import build_prompt_pair
+    from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
     from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
     from comfyui_photoswap.photoswap_core.recorder import record_trace
     from devtools.official_reference import SwapSettings, official_swap

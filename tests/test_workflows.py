@@ -29,7 +29,7 @@ CONTROLNET_FILE = "random-controlnet-sd15.safetensors"
 
 EXPECTED_FILES = ["1_real_image_swap_dreambooth", "2_real_image_swap_lora_direct", "3_synthetic_swap",
                   "4_controlnet_canny_target", "5_sdxl_real_image_swap", "6_window_sweep_grid", "7a_save_inversion",
-                  "7b_load_inversion_swap"]
+                  "7b_load_inversion_swap", "8_multi_concept_two_loras", "9_composition_by_parts"]
 PACK_MODULE_PREFIX = "custom_nodes."
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
@@ -374,12 +374,12 @@ def saved_images(server, result, graph) -> dict:
     return out
 
 
-def check_swap_outputs(server, result, graph, prefix: str):
+def check_swap_outputs(server, result, graph, prefix: str, pairs: int = 1):
     images = saved_images(server, result, graph)
     assert set(images) >= {"Swapped image", "Source reconstruction", "Attention previews"} or \
         set(images) >= {"Swapped image", "Source image (synthetic)", "Attention previews"}, images
     for title, paths in images.items():
-        expected = 4 if title == "Attention previews" else 1
+        expected = {"Attention previews": 2 * pairs + 2, "Mask of each subject pair": pairs}.get(title, 1)
         assert len(paths) == expected, (title, paths)
         for path in paths:
             assert path.exists(), path
@@ -517,6 +517,22 @@ def test_workflow_2_lora_direct(wf_env):
     check_swap_outputs(server, result, graph, "2_lora_direct")
     concept = [nid for nid, n in graph.items() if n["class_type"] == "PhotoswapConceptLoader"][0]
     assert "lora" in json.dumps(result.outputs.get(concept, {}))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name,prefix", [("8_multi_concept_two_loras", "8_multi_concept"),
+                                         ("9_composition_by_parts", "9_composition")])
+def test_workflow_8_9_two_concepts(wf_env, name, prefix):
+    """Two chained Concept Loaders (LoRAs) and two subject pairs (8: two subjects; 9: one subject, two regions):
+    previews per pair and one mask per pair are saved."""
+    server, object_info = wf_env
+    fresh(server)
+    graph = api_graph(name, object_info)
+    concepts = [n for n in graph.values() if n["class_type"] == "PhotoswapConceptLoader"]
+    assert len(concepts) == 2 and any("previous" in n["inputs"] for n in concepts)
+    result = run(server, graph)
+    check_swap_outputs(server, result, graph, prefix, pairs=2)
+    assert "Mask of each subject pair" in saved_images(server, result, graph)
 
 
 @pytest.mark.e2e

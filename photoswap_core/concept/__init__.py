@@ -20,13 +20,14 @@ from .choices import KINDS, NONE_CHOICE, SOURCE_TO_KIND, SOURCES
 from .diffusers_folder import apply_prediction_type
 from .loader import SOURCES_BY_KIND, load, load_concept, source_fingerprint, source_path
 from .model_folders import diffusers_folder_choices, file_choices, list_diffusers_folders
-from .result import Concept, ConceptRequest, LoadedConcept
+from .result import Concept, ConceptChain, ConceptRequest, LoadedConcept, concepts_of
 from .safe_files import fingerprint
 from .words import WordMetadata, analyse_words, find_word_metadata, resolve_words, unused_added_tokens_warning, \
     words_from_instance_prompt
 
 __all__ = [
-    "KINDS", "NONE_CHOICE", "SOURCES", "SOURCE_TO_KIND", "SOURCES_BY_KIND", "Concept", "ConceptRequest",
+    "KINDS", "NONE_CHOICE", "SOURCES", "SOURCE_TO_KIND", "SOURCES_BY_KIND", "Concept", "ConceptChain",
+    "ConceptRequest", "concepts_of",
     "LoadedConcept", "WordMetadata", "analyse_words", "apply_prediction_type", "diffusers_folder_choices",
     "file_choices", "find_word_metadata", "fingerprint", "list_diffusers_folders", "load", "load_concept",
     "resolve_words", "source_fingerprint", "source_path", "unused_added_tokens_warning", "words_from_instance_prompt",

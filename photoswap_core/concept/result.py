@@ -36,6 +36,24 @@ class Concept:
     report: str = ""
 
 
+@dataclass(frozen=True)
+class ConceptChain:
+    """Several concepts for one swap, in the order of the prompt pair's subject words: what chained Concept Loaders
+    output (the second loader's `previous` input takes the first one's CONCEPT; MODEL and CLIP flow through it, so
+    LoRAs stack and embeddings add tokens)."""
+
+    concepts: tuple  # of Concept
+
+    @property
+    def report(self) -> str:
+        return "\n\n".join(f"concept {i + 1}: {c.report}" for i, c in enumerate(self.concepts))
+
+
+def concepts_of(value) -> tuple:
+    """The concepts a PHOTOSWAP_CONCEPT value holds: a Concept is a chain of one."""
+    return tuple(getattr(value, "concepts", None) or (value,))
+
+
 @dataclass
 class LoadedConcept:
     model: object  # comfy.model_patcher.ModelPatcher or None
@@ -62,6 +80,7 @@ class ConceptRequest:
     model: object = None
     clip: object = None
     vae: object = None
+    previous: object = None  # a Concept or ConceptChain from an earlier loader, or None
 
 
 @dataclass(frozen=True)
