@@ -146,6 +146,7 @@ def record(loaded: Loaded, inversion, src, neg, steps: int, cfg: float = 7.5):
 
 def swap(loaded: Loaded, trace, tgt, neg, prompts, cfg: float = 7.5, **windows) -> tuple[dict, dict]:
     sampler = node("swap_nodes", "PhotoswapAttentionSwapSampler")
-    (swapped, source, _mask), _ = run_node(sampler, model=loaded.model, trace=trace, target_positive=tgt,
-                                           negative=neg, prompts=prompts, cfg=cfg, **windows)
+    (swapped, source, _mask, _pair_masks), _ = run_node(sampler, model=loaded.model, trace=trace,
+                                                        target_positive=tgt, negative=neg, prompts=prompts, cfg=cfg,
+                                                        **windows)
     return swapped, source
