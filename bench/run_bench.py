@@ -299,12 +299,11 @@ class Suite:
     def swap(self, trace, lockstep):
         from comfyui_photoswap.photoswap_core.swap_sampler import swap
 
-        target, source, mask, mode = swap(self.model, trace, self.tgt, self.neg, self.prompts, self.windows, CFG,
-                                          lockstep=lockstep)
+        result = swap(self.model, trace, self.tgt, self.neg, self.prompts, self.windows, CFG, lockstep=lockstep)
         expected = "lockstep" if lockstep or not trace.has_attention else "target"
-        if mode != expected:
-            raise RuntimeError(f"the swap ran in mode {mode!r}, expected {expected!r}")
-        return target
+        if result.mode != expected:
+            raise RuntimeError(f"the swap ran in mode {result.mode!r}, expected {expected!r}")
+        return result.target
 
     def warm_up(self):
         """Each code path once at 2 steps (allocations, kernel selection, lazy imports, first-call caches)."""

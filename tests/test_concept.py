@@ -358,10 +358,10 @@ def test_node_schema(Node, pack):
     assert schema.description
     assert all(inp.tooltip for inp in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
     assert [o.io_type for o in schema.outputs] == ["MODEL", "CLIP", "VAE", "PHOTOSWAP_CONCEPT"]
-    assert {i.id for i in schema.inputs if i.optional} == {"model", "clip", "vae"}
+    assert {i.id for i in schema.inputs if i.optional} == {"model", "clip", "vae", "previous"}
     v1 = Node.INPUT_TYPES()  # what /object_info serves
     assert v1["required"]["source"][1]["options"] == ["checkpoint", "diffusers folder", "lora", "embedding"]
-    assert set(v1["optional"]) == {"model", "clip", "vae"}
+    assert set(v1["optional"]) == {"model", "clip", "vae", "previous"}
     assert Node.GET_NODE_INFO_V1()["display_name"] == "Photoswap DreamBooth Concept Loader"
 
 

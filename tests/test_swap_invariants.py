@@ -107,13 +107,13 @@ def test_identical_prompts_give_source_reconstruction(family_traces, family, ble
     ms, trace = family_traces(family)
     for out, mp, cross in WINDOW_SETS[:2] if family != "sd15" else WINDOW_SETS[:3]:
         for lockstep in (False, True):
-            target, source, _, mode = _swap(ms, trace, _prompts(ms, same=True), _windows(out, mp, cross, blend),
+            target, source, _, mode, _ = _swap(ms, trace, _prompts(ms, same=True), _windows(out, mp, cross, blend),
                                             lockstep=lockstep, target_text=SRC)
             assert mode == ("lockstep" if lockstep else "target")
             err = float((target - source).abs().max())
             assert err <= 1e-5, (family, out, mp, cross, lockstep, err)
     # and the swap does change the image when the prompts differ
-    target, source, _, _ = _swap(ms, trace, _prompts(ms), _windows(0.5, 0.0, 0.5, blend))
+    target, source, _, _, _ = _swap(ms, trace, _prompts(ms), _windows(0.5, 0.0, 0.5, blend))
     assert float((target - source).abs().max()) > 1e-2
 
 
@@ -135,7 +135,7 @@ def test_zero_windows_equal_plain_sampling(tiny_sd15):
 
     ms = tiny_sd15
     trace = _trace(ms, steps=8, method="synthetic", fraction=0.0)
-    target, _, _, mode = _swap(ms, trace, _prompts(ms), _windows(0.0, 0.0, 0.0, local_blend=False))
+    target, _, _, mode, _ = _swap(ms, trace, _prompts(ms), _windows(0.0, 0.0, 0.0, local_blend=False))
     assert mode == "lockstep"
     sigmas = trace.schedule.sigmas
     scale = ms.model.model.latent_format.scale_factor
