@@ -76,7 +76,7 @@ def target_prompt(scene: W.Scene) -> str:
     return f"a photo of a {W.CONCEPT_WORDS} {W.background_phrase(scene.bg, scene.texture)}"
 
 
-def generation_accuracy(form, count: int, steps: int, seed: int) -> dict:
+def generation_accuracy(count: int, steps: int, seed: int) -> dict:
     """The base model's generations for held-out prompts (ComfyUI KSampler, DDIM, cfg 7.5) read by the detector."""
     import nodes
     import torch
@@ -91,6 +91,19 @@ def generation_accuracy(form, count: int, steps: int, seed: int) -> dict:
                                         empty)[0]
         rows.append(Q.generation_correct(H.decode(loaded.vae, lat), sc))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows), "steps": steps}
+
+
+def detector_figures(count: int, seed: int) -> dict:
+    """The detector's accuracy on clean held-out renders and on their VAE round trips (ComfyUI's encode/decode)."""
+    from toyworld import detector as D
+
+    scenes = W.scenes(seed, count, "heldout") + W.scenes(seed + 1, count // 4, "any", concept=True)
+    clean = D.detector_accuracy(scenes)
+    vae = H.load_concept("base").vae
+    trips = np.stack([H.decode(vae, H.encode(vae, W.render(sc))) for sc in scenes])
+    return {"clean": clean, "vae_round_trip": D.detector_accuracy(scenes, trips),
+            "vae_round_trip_psnr_db": float(np.mean([Q.inversion_psnr(W.render(sc), t)
+                                                     for sc, t in zip(scenes, trips)]))}
 
 
 def timed(fn):
@@ -142,7 +155,7 @@ def sweep_windows(enabled: bool) -> dict:
     return out
 
 
-def aggregate(rows: list[dict]) -> dict:
+def aggregate(rows: list[dict], inner: int) -> dict:
     inv = {}
     for m in METHODS:
         vals = [r["inversion"][m] for r in rows]
@@ -152,14 +165,11 @@ def aggregate(rows: list[dict]) -> dict:
     plain = float(np.mean([r["plain_seconds"] for r in rows]))
     iters = [k for r in rows for k in r["inversion"]["null_text"].get("inner_iterations", [])]
     null = {"mean_inner_iterations_per_step": float(np.mean(iters)) if iters else float("nan"),
-            "steps_stopped_early": float(np.mean([k < ARGS_INNER[0] for k in iters])) if iters else float("nan"),
+            "steps_stopped_early": float(np.mean([k < inner for k in iters])) if iters else float("nan"),
             "cost_ratio_to_plain": inv["null_text"]["seconds"] / plain, "plain_seconds": plain,
             "direct_cost_ratio_to_plain": inv["direct"]["seconds"] / plain}
     swaps = {name: Q.summarise([r["swaps"][name] for r in rows]) for name in rows[0]["swaps"]}
     return {"inversion": inv, "null_text_cost": null, "swaps": swaps}
-
-
-ARGS_INNER = [10]
 
 
 def concept_forms(args, scenes: list[W.Scene]) -> dict:
@@ -262,7 +272,6 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ARGS_INNER[0] = args.inner
     H.boot()
     loaded = H.load_concept("dreambooth")
     scenes = photo_scenes(args.seed, args.count)
@@ -272,8 +281,9 @@ def run(args) -> dict:
         s = rows[-1]["swaps"]["photoswap_shipped"]
         print(f"[quality] photo {i + 1}/{len(scenes)} {sc.caption!r}: shipped identity {s['identity']}, "
               f"background {s['background_psnr_db']:.1f} dB ({time.time() - t0:.0f} s)", flush=True)
-    result = aggregate(rows)
-    result["generation"] = generation_accuracy("base", args.gen_count, args.steps, args.seed + 100)
+    result = aggregate(rows, args.inner)
+    result["generation"] = generation_accuracy(args.gen_count, args.steps, args.seed + 100)
+    result["detector"] = detector_figures(max(40, args.gen_count * 2), args.seed + 200)
     if args.forms:
         result["forms"] = concept_forms(args, scenes[: max(1, args.count // 2)])
     result["loaded_by"] = {"dreambooth": loaded.how, "base": H.load_concept("base").how}
@@ -313,8 +323,10 @@ def format_summary(result: dict) -> str:
     n = result["null_text_cost"]
     lines.append(f"null_text: {n['mean_inner_iterations_per_step']:.2f} inner iterations/step, "
                  f"{n['cost_ratio_to_plain']:.2f}x a plain pass")
-    g = result["generation"]
+    g, d = result["generation"], result["detector"]
     lines.append(f"generation (held-out prompts): shape+colour {g['shape_and_colour']:.1%} of {g['n']}")
+    lines.append(f"detector: all attributes right on {d['clean']['all']:.1%} of clean renders, "
+                 f"{d['vae_round_trip']['all']:.1%} of VAE round trips ({d['vae_round_trip_psnr_db']:.1f} dB)")
     for name, s in result["swaps"].items():
         if not name.startswith("sweep_"):
             lines.append(f"{name:20s} identity {s['identity']:.2f} in-place {s['identity_in_place']:.2f} "

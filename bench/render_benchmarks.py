@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Render BENCHMARKS.md and the README's Performance figures from bench/results/*.json.
+"""Render BENCHMARKS.md and the README's Performance figures from bench/results/*.json (speed) and
+bench/results/quality/*.json (quality in the toy world, written by bench/quality.py).
 
     .venv/bin/python bench/render_benchmarks.py          # rewrite BENCHMARKS.md and the README block
     .venv/bin/python bench/render_benchmarks.py --check  # exit 1 when either is out of date (a test runs this)
@@ -26,6 +27,14 @@ BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 README = REPO_ROOT / "README.md"
 README_START = "<!-- bench:start (bench/render_benchmarks.py writes this block) -->"
 README_END = "<!-- bench:end -->"
+QUALITY = RESULTS / "quality"
+README_Q_START = "<!-- quality:start (bench/render_benchmarks.py writes this block) -->"
+README_Q_END = "<!-- quality:end -->"
+SWAP_ROWS = [("no_swap", "target prompt from z_T, no swap"), ("cross_map_only", "cross-map swap only (0.6)"),
+             ("self_output_only", "self-output swap only (0.8)"),
+             ("photoswap_no_blend", "Photoswap 0.8 / 0 / 0.6, LocalBlend off"),
+             ("photoswap_shipped", "**Photoswap, shipped windows** (0.8 / 0 / 0.6, LocalBlend)"),
+             ("photoswap_paper", "Photoswap, paper windows (0.2 / 0.3 / 0.4, LocalBlend)")]
 SUMMARY_STAGES = ["swap_trace", "swap_lockstep", "inversion_direct", "inversion_null_text", "record"]
 DEVICE_ORDER = {"cpu": 0, "cuda": 1}
 
@@ -155,7 +164,87 @@ def render_benchmarks(results) -> str:
     ]
     for name, result in results:
         lines += ["", f"### `{name}`", "", "```", format_table(result), "```"]
+    lines += quality_section(load_quality())
     return "\n".join(lines) + "\n"
+
+
+def load_quality() -> list[tuple[str, dict]]:
+    return sorted((p.name, json.loads(p.read_text())) for p in QUALITY.glob("*.json")) if QUALITY.is_dir() else []
+
+
+def _f(v, fmt):
+    return "–" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
+
+
+def quality_meta(name: str, q: dict) -> str:
+    m = q["meta"]
+    mach = m["machine"]
+    return (f"{mach['cpu']}, {m['torch_threads']} torch thread(s) of {mach['cpus']} CPUs; commit "
+            f"`{(m.get('commit') or '?')[:10]}`; {m['count']} held-out photos, {m['steps']} steps, null-text ≤ "
+            f"{m['inner_iterations']} it/step, swap from the `{m['swap_inversion']}` inversion "
+            f"([json](bench/results/quality/{name}))")
+
+
+def quality_swap_table(q: dict) -> list[str]:
+    head = ["setting", "identity (concept found)", "in place (≤ 4 px)", "place error px", "size error",
+            "background PSNR dB", "leakage", "old subject left"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label in SWAP_ROWS:
+        s = q["swaps"].get(key)
+        if s is None:
+            continue
+        lines.append("| " + " | ".join([label, _f(s["identity"], ".0%"), _f(s["identity_in_place"], ".0%"),
+                                        _f(s["place_error_px"], ".1f"), _f(s["size_error"], ".0%"),
+                                        _f(s["background_psnr_db"], ".1f"), _f(s["leakage"], ".1%"),
+                                        _f(s["old_subject_kept"], ".0%")]) + " |")
+    return lines
+
+
+def quality_inversion_line(q: dict) -> str:
+    inv, n = q["inversion"], q["null_text_cost"]
+    parts = ", ".join(f"`{k}` {v['psnr_db']:.1f} dB" for k, v in inv.items())
+    return (f"Inversion (reconstruction PSNR through the VAE): {parts}. Null-text early stopping on the trained "
+            f"model: {n['mean_inner_iterations_per_step']:.2f} inner iterations per step on average "
+            f"({n['steps_stopped_early']:.0%} of steps stopped early), {n['cost_ratio_to_plain']:.2f}× a plain "
+            f"KSampler pass ({n['plain_seconds']:.2f} s); `direct` {n['direct_cost_ratio_to_plain']:.2f}×.")
+
+
+def quality_detector_line(q: dict) -> str:
+    d = q["detector"]
+    return (f"Detector (toyworld/detector.py): every attribute (count, shapes, colours, sizes, places, background, "
+            f"texture) right on {d['clean']['all']:.0%} of {d['clean']['n']} clean held-out renders (concept "
+            f"included) and on {d['vae_round_trip']['all']:.0%} of their round trips through the toy VAE (mean "
+            f"round-trip PSNR {d['vae_round_trip_psnr_db']:.1f} dB; shape {d['vae_round_trip']['shape']:.0%}, colour "
+            f"{d['vae_round_trip']['colour']:.0%}).")
+
+
+def quality_section(results) -> list[str]:
+    if not results:
+        return []
+    lines = ["", "## Quality in the toy world", "",
+             "Written from `bench/results/quality/*.json` (`bench/quality.py`; what it measures and how: "
+             "[docs/quality.md](docs/quality.md)). Every figure is read back from the world's ground truth by the "
+             "analytic detector, on held-out photos, through the pack's nodes with the committed toy weights."]
+    for name, q in results:
+        g = q["generation"]
+        lines += ["", f"### `{name}`", "", quality_meta(name, q), "",
+                  f"Base model, held-out prompts ({g['n']}, KSampler {g['steps']} steps): captioned shape and "
+                  f"colour {g['shape_and_colour']:.0%} (shape {g['shape']:.0%}, colour {g['colour']:.0%}, "
+                  f"background colour {g['bg']:.0%}).", "", quality_detector_line(q), "", quality_inversion_line(q), "",
+                  *quality_swap_table(q)]
+        for form, f in (q.get("forms") or {}).items():
+            s, b = f["photoswap_shipped"], f["no_swap"]
+            lines += ["", f"Concept as `{form}` (direct inversion, {s['n']} photos): shipped identity "
+                          f"{_f(s['identity'], '.0%')} (no swap {_f(b['identity'], '.0%')}), background "
+                          f"{_f(s['background_psnr_db'], '.1f')} dB (no swap {_f(b['background_psnr_db'], '.1f')})."]
+    return lines
+
+
+def render_quality_block(results) -> str:
+    body = []
+    for name, q in results[:1]:
+        body = [quality_meta(name, q), "", *quality_swap_table(q), "", quality_inversion_line(q)]
+    return "\n".join([README_Q_START, "", *body, "", README_Q_END])
 
 
 def render_readme_block(results) -> str:
@@ -166,7 +255,12 @@ def updated_readme(text: str, results) -> str:
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < 0:
         raise SystemExit(f"README.md lacks the markers {README_START!r} … {README_END!r}")
-    return text[:start] + render_readme_block(results) + text[end + len(README_END):]
+    text = text[:start] + render_readme_block(results) + text[end + len(README_END):]
+    start, end = text.find(README_Q_START), text.find(README_Q_END)
+    quality = load_quality()
+    if start >= 0 and end >= 0 and quality:
+        text = text[:start] + render_quality_block(quality) + text[end + len(README_Q_END):]
+    return text
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ UNET_CONFIG = {
     "norm_num_groups": 32, "use_linear_projection": False,
 }
 VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
-              "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [64, 64, 64, 64],
+              "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [64, 64, 128, 128],
               "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 64,
               "scaling_factor": SCALE}
 SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -109,6 +109,11 @@ def _save_component(module, folder: Path, weights_name: str) -> None:
     module.save_config(folder) if hasattr(module, "save_config") else module.config.to_json_file(folder / "config.json")
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
     save_file(sd, str(folder / weights_name), metadata={"format": "pt"})
+
+
+def save_vae(folder: Path, vae) -> None:
+    """Rewrite a folder's VAE (stage 3 of training changes only the decoder)."""
+    _save_component(vae, folder / "vae", "diffusion_pytorch_model.safetensors")
 
 
 def _hf_text_key(key: str) -> str:

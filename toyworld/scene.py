@@ -41,6 +41,7 @@ class WorldObject:
     cx: float  # centre of the bounding box, pixels
     cy: float
     side: float  # bounding-box side, pixels
+    stripes: tuple = ()  # VAE training only: ((r, g, b), (r, g, b), count) vertical stripes instead of the colour
 
     @property
     def bbox(self) -> tuple[float, float, float, float]:
@@ -136,6 +137,19 @@ def sample_scene(rng: np.random.Generator, split: str = "train", n_objects: int 
     raise ValueError(f"no scene fits split={split!r} and the fixed attributes")
 
 
+def vae_scene(rng: np.random.Generator) -> Scene:
+    """A training scene for the VAE only: the world, plus (30 %) an object painted with 2-4 vertical stripes of two
+    random colours. The VAE must decode textures the world's objects lack (the concept, swapped images) -- as SD's
+    VAE has seen everything -- while the UNet and the captions never see a textured object."""
+    sc = sample_scene(rng, "any")
+    if rng.random() >= 0.3:
+        return sc
+    i = int(rng.integers(len(sc.objects)))
+    cols = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2)]
+    obj = replace(sc.objects[i], stripes=(cols[0], cols[1], int(rng.integers(2, 5))))
+    return replace(sc, objects=sc.objects[:i] + (obj,) + sc.objects[i + 1:])
+
+
 def scenes(seed: int, count: int, split: str = "train", **kwargs) -> list[Scene]:
     """`count` captioned scenes from one seed (the same seed gives the same list)."""
     rng = np.random.default_rng(seed)
@@ -208,11 +222,12 @@ def background(bg: str, texture: str, phase: float = 0.0) -> np.ndarray:
 
 def object_paint(obj: WorldObject, sy: slice, sx: slice) -> np.ndarray:
     """The object's colour over its window (the concept: three vertical stripes across its side)."""
-    if obj.colour != "concept":
+    if obj.colour != "concept" and not obj.stripes:
         return np.array(OBJECT_COLOURS[obj.colour], np.float32)
+    (ca, cb, n) = obj.stripes or (*CONCEPT_COLOURS, 3)
     x = np.arange(sx.start, sx.stop, dtype=np.float32) + 0.5
-    stripe = np.clip(np.floor((x - (obj.cx - obj.side / 2)) / (obj.side / 3)), 0, 2).astype(int) % 2
-    a, b = (np.array(c, np.float32) for c in CONCEPT_COLOURS)
+    stripe = np.clip(np.floor((x - (obj.cx - obj.side / 2)) / (obj.side / n)), 0, n - 1).astype(int) % 2
+    a, b = np.array(ca, np.float32), np.array(cb, np.float32)
     row = np.where(stripe[:, None] == 0, a, b)
     return np.broadcast_to(row[None], (sy.stop - sy.start, sx.stop - sx.start, 3))
 
