@@ -265,7 +265,7 @@ class Suite:
     def __init__(self, model, clip, latent, steps: int, inner_iterations: int, windows):
         import torch
 
-        from comfyui_photoswap.photoswap_core.alignment import build_prompt_pair
+        from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
 
         self.model, self.clip = model, clip
         self.steps, self.inner = steps, inner_iterations

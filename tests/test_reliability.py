@@ -283,7 +283,7 @@ def test_bad_concept_inputs(N, Err, tiny_sd15, tmp_path):
         sd[f"lora_unet_{module}.lora_down.weight"] = torch.randn(4, in_f, generator=g)
         sd[f"lora_unet_{module}.lora_up.weight"] = torch.randn(out_f, 4, generator=g)
     safetensors.torch.save_file(sd, str(loras / "sdxl_style.safetensors"))
-    # an SD2.x (OpenCLIP-H, 1024-wide) embedding; the tiny SD1 CLIP's tokenizer expects SD1's 768
+    # an SD2.x (OpenCLIP-H, 1024-wide) embedding; the tiny SD1 CLIP's tokenizer expects its own (small) width
     safetensors.torch.save_file({"emb_params": torch.randn(1, 1024, generator=g)},
                                 str(embeddings / "sd2_emb.safetensors"))
     for kind, folder in (("loras", loras), ("embeddings", embeddings)):
@@ -301,7 +301,9 @@ def test_bad_concept_inputs(N, Err, tiny_sd15, tmp_path):
             run_node(N["Concept"], source="embedding", embedding_name="sd2_emb.safetensors", clip=tiny_sd15.clip,
                      model=tiny_sd15.model, concept_words="sks dog")
         assert info.value.input_name == "embedding_name" and "Fix:" in str(info.value), str(info.value)
-        assert "1024" in str(info.value) and "768" in str(info.value), str(info.value)
+        clip_width = tiny_sd15.clip.tokenizer.clip_l.embedding_size
+        assert clip_width != 1024
+        assert "[1024]" in str(info.value) and f"[{clip_width}]" in str(info.value), str(info.value)
     finally:
         for kind, folder in (("loras", loras), ("embeddings", embeddings)):
             paths = folder_paths.folder_names_and_paths[kind][0]

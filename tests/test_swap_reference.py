@@ -76,7 +76,7 @@ def test_swap_matches_official_reference(shared, pack, self_output, self_map, cr
         schedule = ddim_schedule(models.model.get_model_object("model_sampling"), STEPS)
         trace = record_trace(models.model, src, neg, schedule, 7.5, start_latent_vp=shared["x_t"],
                              null_embeddings=nulls, method="synthetic", fraction=1.0)
-        swapped, source, _ = PhotoswapAttentionSwapSampler.execute(
+        swapped, source, _, _ = PhotoswapAttentionSwapSampler.execute(
             models.model, trace, tgt, neg, prompts, self_output=self_output, self_map=self_map, cross_map=cross_map,
             local_blend=local_blend, blend_threshold=0.3, blend_start=0.2, cfg=7.5).result
     scale = 0.18215
