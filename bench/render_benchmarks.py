@@ -232,6 +232,7 @@ def quality_section(results) -> list[str]:
                   f"colour {g['shape_and_colour']:.0%} (shape {g['shape']:.0%}, colour {g['colour']:.0%}, "
                   f"background colour {g['bg']:.0%}).", "", quality_detector_line(q), "", quality_inversion_line(q), "",
                   *quality_swap_table(q)]
+        lines += quality_multi_lines(q)
         for form, f in (q.get("forms") or {}).items():
             s, b = f["photoswap_shipped"], f["no_swap"]
             lines += ["", f"Concept as `{form}` (direct inversion, {s['n']} photos): shipped identity "
@@ -240,10 +241,31 @@ def quality_section(results) -> list[str]:
     return lines
 
 
+def quality_multi_lines(q: dict) -> list[str]:
+    """The part swap (explicit region mask) and the two-object scenes (#16), when the run measured them."""
+    lines = []
+    part = q.get("part") or {}
+    if "region_mask" in part:
+        r, u = part["region_mask"], part["unrestricted"]
+        lines += ["", f"Part swap (the region: the left half of the object, as a MASK on the sampler): changed pixels "
+                      f"inside the region {r['changed_inside']:.0%}, outside it (beyond one latent cell) "
+                      f"{r['changed_outside']:.1%} — unrestricted swap {u['changed_outside']:.1%} there."]
+    two = q.get("two_objects") or {}
+    if two:
+        s, b = two["photoswap_shipped"], two["no_swap"]
+        lines += ["", f"Two objects, the left one swapped ({s['n']} scenes, direct inversion): the other object kept "
+                      f"(detector: same shape and colour in place) {_f(s['other_kept'], '.0%')} at "
+                      f"{_f(s['other_psnr_db'], '.1f')} dB over it (no swap: {_f(b['other_kept'], '.0%')}, "
+                      f"{_f(b['other_psnr_db'], '.1f')} dB); the concept in the swapped one's place "
+                      f"{_f(s['identity_in_place'], '.0%')} (no swap {_f(b['identity_in_place'], '.0%')})."]
+    return lines
+
+
 def render_quality_block(results) -> str:
     body = []
     for name, q in results[:1]:
-        body = [quality_meta(name, q), "", *quality_swap_table(q), "", quality_inversion_line(q)]
+        body = [quality_meta(name, q), "", *quality_swap_table(q), "", quality_inversion_line(q),
+                *quality_multi_lines(q)]
     return "\n".join([README_Q_START, "", *body, "", README_Q_END])
 
 

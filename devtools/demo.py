@@ -122,6 +122,13 @@ TOYWORLD_SEED = 2024  # the first photo of bench/quality.py's held-out set
 TOYWORLD_PHOTO = "toyworld_photo.png"
 
 
+def toyworld_ready() -> bool:
+    """Are the toy world's trained weights in this checkout (toyworld/weights/SHA256SUMS and the concept folder)?"""
+    from toyworld import model_io as M
+
+    return (M.WEIGHTS / "SHA256SUMS").is_file() and (M.WEIGHTS / M.CONCEPT_NAME).is_dir()
+
+
 def toyworld_scene(seed: int = TOYWORLD_SEED):
     """The demo's photo: a held-out one-object world scene (as bench/quality.py draws them)."""
     sys_path_bench()

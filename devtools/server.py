@@ -349,8 +349,10 @@ class ComfyServer:
                                  f"{' — ' + details if details else ''}", error, node_errors) from None
         return answer["prompt_id"]
 
-    def run(self, graph: dict, timeout: float = 600.0, use_websocket: bool = True) -> RunResult:
+    def run(self, graph: dict, timeout: float = 600.0, use_websocket: bool = True, on_message=None) -> RunResult:
         """Queue a graph, wait until it finished, return its history entry and output images.
+
+        on_message(kind, data) is called for each websocket message of this prompt (progress, executing, ...).
 
         Raises ExecutionFailed (with the server's execution_error), ExecutionInterrupted, PromptRejected, or
         ComfyServerError (timeout, server died)."""
@@ -370,7 +372,7 @@ class ComfyServer:
         try:
             prompt_id = self.queue(graph)
             if ws is not None:
-                self._follow_websocket(ws, prompt_id, messages, t0 + timeout)
+                self._follow_websocket(ws, prompt_id, messages, t0 + timeout, on_message)
             entry = self._poll_history(prompt_id, t0 + timeout)
         finally:
             if ws is not None:
@@ -385,7 +387,7 @@ class ComfyServer:
             raise ComfyServerError(f"prompt {prompt_id} ended with status {status}{self._log_tail()}")
         return RunResult(prompt_id, entry, self._images(entry), messages, time.perf_counter() - t0)
 
-    def _follow_websocket(self, ws, prompt_id, messages, deadline):
+    def _follow_websocket(self, ws, prompt_id, messages, deadline, on_message=None):
         import websocket
 
         while True:
@@ -407,6 +409,8 @@ class ComfyServer:
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
             messages.append((kind, data))
+            if on_message is not None:
+                on_message(kind, data)
             if kind == "execution_error":
                 raise ExecutionFailed(data)
             if kind == "execution_interrupted":

@@ -3,8 +3,10 @@
 
 Called by scripts/demo.sh after setup; run that instead:
 
-    bash scripts/demo.sh                      workflow 1 on the embedded default (random SD1.5 weights + the
-                                              scikit-image 'chelsea' cat photo), small and fast for a CPU
+    bash scripts/demo.sh                      workflow 1 on the toy world (toyworld/: the trained toy model, its
+                                              DreamBooth concept 'sks square', a held-out world photo), scored
+    bash scripts/demo.sh --random-sd15        workflow 1 on the random SD1.5 checkpoint and scikit-image's
+                                              'chelsea' cat photo (full-architecture plumbing; images are noise)
     bash scripts/demo.sh --checkpoint ~/models/sks_dog.safetensors --concept-words "sks dog" \\
          --photo ~/cat.jpg --source-prompt "A photo of a cat" --subject-word cat --size 512 --steps 50
                                               the same workflow on your DreamBooth checkpoint and photo
@@ -37,6 +39,7 @@ SERVE_WORKDIR = REPO_ROOT / ".cache" / "demo-server"
 
 # CPU-sized defaults: the whole run takes a few minutes on a laptop-class CPU (see README "Development")
 DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_INNER = 128, 8, 2
+TOYWORLD_STEPS, TOYWORLD_INNER = 50, 10  # the workflow's (and the paper's) own settings: the toy model is small
 
 
 def _port_free(port: int) -> bool:
@@ -82,7 +85,70 @@ def serve(demo, args) -> int:
         server.stop()
 
 
+class Progress:
+    """Prints the server's websocket progress: which node runs, and its step count as ComfyUI reports it."""
+
+    def __init__(self, graph: dict, stream=sys.stderr):
+        self.graph, self.stream, self.last = graph, stream, None
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind == "executing" and data.get("node") is not None:
+            node = self.graph.get(str(data["node"]), {})
+            title = node.get("_meta", {}).get("title") or node.get("class_type", data["node"])
+            print(f"[demo] running {title}", file=self.stream, flush=True)
+        elif kind == "progress":
+            value, maximum = int(data.get("value", 0)), int(data.get("max", 0) or 1)
+            tenth = value * 10 // maximum
+            if value == maximum or (data.get("node"), tenth) != self.last:
+                print(f"[demo]   {value}/{maximum}", file=self.stream, flush=True)
+            self.last = (data.get("node"), tenth)
+
+
+def run_toyworld(demo, args) -> int:
+    """Workflow 1 on the toy world: the concept from its diffusers folder, a world photo, the result scored."""
+    with ComfyServer(checkpoints=(), output_dir=OUTPUT_DIR) as server:
+        print(f"[demo] ComfyUI {server.comfyui_path} started with the pack at {server.url} "
+              f"in {server.startup_seconds:.0f} s", file=sys.stderr)
+        print(f"[demo] pack import: {server.pack_import_line() or 'NOT FOUND in the startup log'}", file=sys.stderr)
+        sc = demo.toyworld_prepare(server)
+        graph = demo.toyworld_graph(server.object_info(), sc, steps=args.steps, inner_iterations=args.inner_iterations)
+        print(f"[demo] running {demo.TOYWORLD_TITLE}: photo {sc.caption!r}, {args.steps} steps, null-text inversion "
+              f"with at most {args.inner_iterations} iterations per step", file=sys.stderr, flush=True)
+        try:
+            result = server.run(graph, timeout=args.timeout, on_message=Progress(graph))
+        except ComfyServerError as exc:
+            print(f"[demo] FAILED: {exc}", file=sys.stderr)
+            return 1
+    found = demo.outputs_by_role(graph, result.outputs, OUTPUT_DIR)
+    print(f"Photoswap demo finished in {result.seconds:.1f} s ({demo.TOYWORLD_TITLE}).")
+    for role, paths in found.items():
+        for path in paths:
+            print(f"  {role}: {path}")
+    swapped, recon = found.get("swapped image"), found.get("source reconstruction")
+    if not swapped or not recon:
+        print("  swapped image or source reconstruction: MISSING")
+        return 1
+    scores = demo.toyworld_report(sc, swapped[0], recon[0])
+    figure = demo.toyworld_figure(sc, [recon[0], swapped[0]], OUTPUT_DIR / "toyworld_demo.png")
+    print(f"  photo | reconstruction | swapped: {figure}")
+    print(f"Scores against the photo's ground truth (toyworld/metrics.py): concept found {scores['identity']}, "
+          f"in place {scores['identity_in_place']} (centre off by {scores['place_error_px']:.1f} px, size off by "
+          f"{scores['size_error']:.0%}), background PSNR outside the subjects {scores['background_psnr_db']:.1f} dB, "
+          f"changed pixels there {scores['leakage']:.1%}, reconstruction PSNR {scores['reconstruction_psnr_db']:.1f} "
+          "dB. Toy world: 64 px shapes, a model trained here on a CPU (README Limitations).")
+    return 0
+
+
 def run(demo, args) -> int:
+    toyworld = not (args.checkpoint or args.random_sd15)
+    if toyworld and not demo.toyworld_ready():
+        print("[demo] the toy world's trained weights are not in this checkout yet (toyworld/weights/, see "
+              "docs/quality.md): running on the random SD1.5 checkpoint instead", file=sys.stderr)
+        toyworld = False
+    args.steps = args.steps or (TOYWORLD_STEPS if toyworld else DEFAULT_STEPS)
+    args.inner_iterations = args.inner_iterations or (TOYWORLD_INNER if toyworld else DEFAULT_INNER)
+    if toyworld:
+        return run_toyworld(demo, args)
     random_weights = not args.checkpoint
     width = args.width or args.size
     height = args.height or args.size
@@ -112,7 +178,7 @@ def run(demo, args) -> int:
               f"checkpoint {checkpoint}{' (RANDOM WEIGHTS)' if random_weights else ''}, photo "
               f"{args.photo or 'scikit-image chelsea (cat)'}", file=sys.stderr, flush=True)
         try:
-            result = server.run(graph, timeout=args.timeout)
+            result = server.run(graph, timeout=args.timeout, on_message=Progress(graph))
         except ComfyServerError as exc:
             print(f"[demo] FAILED: {exc}", file=sys.stderr)
             return 1
@@ -138,8 +204,11 @@ def main(argv=None) -> int:
     parser.add_argument("--serve", action="store_true", help="start ComfyUI with the pack and leave it running")
     parser.add_argument("--port", type=int, default=None, help="port for --serve (default 8188, else a free one)")
     parser.add_argument("--checkpoint", default=_env("CHECKPOINT"),
-                        help="a real DreamBooth checkpoint file (SD1.x/SD2.x/SDXL .safetensors); default: the "
-                             "random SD1.5 checkpoint")
+                        help="a real DreamBooth checkpoint file (SD1.x/SD2.x/SDXL .safetensors); default: the toy "
+                             "world's trained model and concept")
+    parser.add_argument("--random-sd15", action="store_true", default=bool(_env("RANDOM_SD15")),
+                        help="the random full-architecture SD1.5 checkpoint and the chelsea photo instead of the toy "
+                             "world (plumbing only: the images are noise)")
     parser.add_argument("--concept-words", default=_env("CONCEPT_WORDS"),
                         help="the checkpoint's concept words (identifier + class), default 'sks dog'")
     parser.add_argument("--class-word", default=_env("CLASS_WORD"), help="class word inside the concept words")
@@ -151,11 +220,13 @@ def main(argv=None) -> int:
                         help=f"square size in px (default {DEFAULT_SIZE}; the workflow itself uses 512)")
     parser.add_argument("--width", type=int, default=_env("WIDTH") and int(_env("WIDTH")))
     parser.add_argument("--height", type=int, default=_env("HEIGHT") and int(_env("HEIGHT")))
-    parser.add_argument("--steps", type=int, default=int(_env("STEPS", DEFAULT_STEPS)),
-                        help=f"DDIM steps (default {DEFAULT_STEPS}; the workflow/paper use 50)")
-    parser.add_argument("--inner-iterations", type=int, default=int(_env("INNER_ITERATIONS", DEFAULT_INNER)),
-                        help=f"null-text optimisation iterations per step at most (default {DEFAULT_INNER}; the "
-                             "workflow/paper use 10)")
+    parser.add_argument("--steps", type=int, default=_env("STEPS") and int(_env("STEPS")),
+                        help=f"DDIM steps (default: {TOYWORLD_STEPS} on the toy world, {DEFAULT_STEPS} otherwise; "
+                             "the workflow/paper use 50)")
+    parser.add_argument("--inner-iterations", type=int,
+                        default=_env("INNER_ITERATIONS") and int(_env("INNER_ITERATIONS")),
+                        help=f"null-text optimisation iterations per step at most (default: {TOYWORLD_INNER} on the "
+                             f"toy world, {DEFAULT_INNER} otherwise; the workflow/paper use 10)")
     parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", 3600)))
     parser.add_argument("--demo-module", default="devtools.demo", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

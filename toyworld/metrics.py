@@ -69,3 +69,26 @@ def generation_correct(img: np.ndarray, truth: W.Scene) -> dict:
     got = r.objects[0] if r.objects else None
     shape, colour = bool(got and got.shape == o.shape), bool(got and got.colour == o.colour)
     return {"shape": shape, "colour": colour, "shape_and_colour": shape and colour, "bg": r.bg == truth.bg}
+
+
+def other_object_metrics(source: W.Scene, photo: np.ndarray, out: np.ndarray, swapped: int = 0) -> dict:
+    """Two-object scenes, one swapped: is the other object unchanged (PSNR over its grown mask vs the photo, and the
+    detector still finds it, same shape and colour, in place), and does the concept take the swapped one's place?"""
+    other = source.objects[1 - swapped]
+    target = source.objects[swapped]
+    reading = D.detect(out)
+    x, y = W._grid()
+    region = W.shape_sdf(other, x, y) <= GROW
+    kept = any(d.colour == other.colour and d.shape == other.shape and
+               math.hypot(d.cx - other.cx, d.cy - other.cy) <= PLACE_TOL for d in reading.objects)
+    concept = [d for d in reading.objects if d.colour == "concept"]
+    return {"other_psnr_db": psnr(out, photo, region), "other_kept": kept,
+            "identity_in_place": any(math.hypot(d.cx - target.cx, d.cy - target.cy) <= PLACE_TOL for d in concept)}
+
+
+def region_metrics(photo: np.ndarray, out: np.ndarray, region: np.ndarray, band: int = 8) -> dict:
+    """A swap restricted to `region` (bool HxW): the changed-pixel fraction inside it and outside it (outside =
+    beyond `band` pixels from it: one latent cell, where the VAE decoder may spread a change)."""
+    change = np.abs(out.astype(np.int16) - photo.astype(np.int16)).max(axis=2) > CHANGED
+    outside = ~ndimage.binary_dilation(region, iterations=band)
+    return {"changed_inside": float(change[region].mean()), "changed_outside": float(change[outside].mean())}
