@@ -104,23 +104,34 @@ class Progress:
             self.last = (data.get("node"), tenth)
 
 
+def _announce(server) -> None:
+    print(f"[demo] ComfyUI {server.comfyui_path} started with the pack at {server.url} "
+          f"in {server.startup_seconds:.0f} s", file=sys.stderr)
+    print(f"[demo] pack import: {server.pack_import_line() or 'NOT FOUND in the startup log'}", file=sys.stderr)
+
+
+def _run_graph(demo, server, graph: dict, timeout: float, title: str) -> dict | None:
+    """Run the graph with progress printed; {role: [paths]} of its saved images, or None (failure printed)."""
+    try:
+        result = server.run(graph, timeout=timeout, on_message=Progress(graph))
+    except ComfyServerError as exc:
+        print(f"[demo] FAILED: {exc}", file=sys.stderr)
+        return None
+    print(f"Photoswap demo finished in {result.seconds:.1f} s ({title}).")
+    return demo.outputs_by_role(graph, result.outputs, OUTPUT_DIR)
+
+
 def run_toyworld(demo, args) -> int:
     """Workflow 1 on the toy world: the concept from its diffusers folder, a world photo, the result scored."""
     with ComfyServer(checkpoints=(), output_dir=OUTPUT_DIR) as server:
-        print(f"[demo] ComfyUI {server.comfyui_path} started with the pack at {server.url} "
-              f"in {server.startup_seconds:.0f} s", file=sys.stderr)
-        print(f"[demo] pack import: {server.pack_import_line() or 'NOT FOUND in the startup log'}", file=sys.stderr)
+        _announce(server)
         sc = demo.toyworld_prepare(server)
         graph = demo.toyworld_graph(server.object_info(), sc, steps=args.steps, inner_iterations=args.inner_iterations)
         print(f"[demo] running {demo.TOYWORLD_TITLE}: photo {sc.caption!r}, {args.steps} steps, null-text inversion "
               f"with at most {args.inner_iterations} iterations per step", file=sys.stderr, flush=True)
-        try:
-            result = server.run(graph, timeout=args.timeout, on_message=Progress(graph))
-        except ComfyServerError as exc:
-            print(f"[demo] FAILED: {exc}", file=sys.stderr)
-            return 1
-    found = demo.outputs_by_role(graph, result.outputs, OUTPUT_DIR)
-    print(f"Photoswap demo finished in {result.seconds:.1f} s ({demo.TOYWORLD_TITLE}).")
+        found = _run_graph(demo, server, graph, args.timeout, demo.TOYWORLD_TITLE)
+    if found is None:
+        return 1
     for role, paths in found.items():
         for path in paths:
             print(f"  {role}: {path}")
@@ -154,10 +165,7 @@ def run(demo, args) -> int:
     height = args.height or args.size
     with ComfyServer(checkpoints=demo.CHECKPOINTS if random_weights else (),
                      output_dir=OUTPUT_DIR) as server:
-        print(f"[demo] ComfyUI {server.comfyui_path} started with the pack at {server.url} "
-              f"in {server.startup_seconds:.0f} s", file=sys.stderr)
-        line = server.pack_import_line()
-        print(f"[demo] pack import: {line or 'NOT FOUND in the startup log'}", file=sys.stderr)
+        _announce(server)
         checkpoint = demo.RANDOM_CHECKPOINT
         if args.checkpoint:
             path = Path(args.checkpoint).expanduser()
@@ -177,13 +185,9 @@ def run(demo, args) -> int:
               f"{args.steps} steps, null-text inversion with at most {args.inner_iterations} iterations per step, "
               f"checkpoint {checkpoint}{' (RANDOM WEIGHTS)' if random_weights else ''}, photo "
               f"{args.photo or 'scikit-image chelsea (cat)'}", file=sys.stderr, flush=True)
-        try:
-            result = server.run(graph, timeout=args.timeout, on_message=Progress(graph))
-        except ComfyServerError as exc:
-            print(f"[demo] FAILED: {exc}", file=sys.stderr)
-            return 1
-    found = demo.outputs_by_role(graph, result.outputs, OUTPUT_DIR)
-    print(f"Photoswap demo finished in {result.seconds:.1f} s ({demo.TITLE}).")
+        found = _run_graph(demo, server, graph, args.timeout, demo.TITLE)
+    if found is None:
+        return 1
     ok = True
     for role, paths in found.items():
         if not paths:
