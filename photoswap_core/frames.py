@@ -8,6 +8,7 @@ anchor frames it needs (its closure), recomputed, so the result does not depend 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .errors import PhotoswapInputError
@@ -15,6 +16,21 @@ from .errors import PhotoswapInputError
 FRAME_ATTENTION = ("off", "first", "first+previous", "keyframes")  # the Swap Sampler's choice list
 DEFAULT_FRAME_ATTENTION = "first"
 DEFAULT_KEYFRAME_INTERVAL = 4
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    """PHOTOSWAP_FRAME_OPTIONS (the Frame Options node): how a clip is swapped. Without one, the defaults."""
+    frame_attention: str = DEFAULT_FRAME_ATTENTION
+    keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL
+    frames_per_batch: int = 0  # 0 = as many frames per model call as fit in memory
+
+    def check(self) -> "FrameOptions":
+        check_mode(self.frame_attention, self.keyframe_interval)
+        if self.frames_per_batch < 0:
+            raise PhotoswapInputError("frames_per_batch", f"0 (auto) or a frame count (got {self.frames_per_batch})",
+                                      "use 0")
+        return self
 
 
 def check_mode(mode: str, interval: int) -> None:

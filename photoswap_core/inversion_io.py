@@ -313,6 +313,11 @@ def check_latent_matches(result, latent_samples: torch.Tensor, input_name: str =
             input_name, f"a latent of {h}×{w} (= {pw}×{ph} px), the size of the inverted image (got "
                         f"{shape[-2]}×{shape[-1]} = {gw}×{gh} px)",
             "use the image the inversion was made from (same size), or re-run the inversion for this image")
+    if shape[0] != result.latent_shape[0]:
+        raise PhotoswapInputError(
+            input_name, f"a latent of {result.latent_shape[0]} frame(s), the inverted clip's (got {shape[0]})",
+            "connect the frames the inversion was made from (the same clip, same frame count), or re-run the "
+            "inversion for these frames")
     if latent_fingerprint(latent_samples) != result.latent_fingerprint:
         log.warning("Photoswap: this latent differs from the one that was inverted (same size, other values); the "
                     "inversion reconstructs the original image, not this one")
