@@ -93,6 +93,7 @@ class TraceRecorder:
             self._check_budget()
         if maps is not None:
             layer_map = maps.mean(1).float()
+            layer_map = layer_map[0] if layer_map.shape[0] == 1 else layer_map  # an image keeps [tokens_b, T]
             self.blend_maps[i] = layer_map if self.blend_maps[i] is None else self.blend_maps[i] + layer_map
             self.blend_grid = grid
 

@@ -178,7 +178,8 @@ class SourceTrace:
     method: str  # inversion method, or "synthetic"
     record_fraction: float
     weights_fingerprint: str
-    blend_maps: list = field(default_factory=list)  # per step: [F, tokens_b, 77] float32 source cond cross maps
+    blend_maps: list = field(default_factory=list)  # per step: [tokens_b, 77] float32 source cond cross maps
+    # (a clip: [F, tokens_b, 77])
     blend_grid: tuple | None = None  # (h_b, w_b) of the LocalBlend level
     store: AttentionStore | None = None
     source_steps_k: list | None = None  # per step: the source's own step result (sampler space); None: computed live
@@ -206,9 +207,13 @@ class SourceTrace:
         nulls = self.null_embeddings if self.null_embeddings.shape[1] == 1 else self.null_embeddings[:, index]
         return dataclasses.replace(
             self, latent_shape=(len(frames), *self.latent_shape[1:]), trajectory=[t[index] for t in self.trajectory],
-            null_embeddings=nulls, blend_maps=[m[index] if m is not None else None for m in self.blend_maps],
+            null_embeddings=nulls, blend_maps=[self._frame_maps(m)[index] if m is not None else None
+                                               for m in self.blend_maps],
             store=self.store.select_frames(index) if self.store is not None else None,
             source_steps_k=[s[index] for s in self.source_steps_k] if self.source_steps_k is not None else None)
+
+    def _frame_maps(self, m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(self.frames, *m.shape[-2:])
 
     @staticmethod
     def concat(traces: list) -> "SourceTrace":
@@ -229,7 +234,8 @@ class SourceTrace:
             first, latent_shape=(sum(t.frames for t in traces), *first.latent_shape[1:]),
             trajectory=cat([t.trajectory for t in traces]),
             null_embeddings=nulls[0] if shared else torch.cat(nulls, dim=1),
-            blend_maps=cat([t.blend_maps for t in traces]), store=AttentionStore.concat(stores) if kept else None,
+            blend_maps=cat([[t._frame_maps(m) if m is not None else None for m in t.blend_maps] for t in traces]),
+            store=AttentionStore.concat(stores) if kept else None,
             record_fraction=first.record_fraction if kept else 0.0,
             self_maps_recorded=first.self_maps_recorded and kept,
             dropped_reason=next((t.dropped_reason for t in traces if t.dropped_reason), None),
