@@ -92,10 +92,6 @@ def chunks(count: int, per_batch: int, mode: str = "off", interval: int = DEFAUL
     return out
 
 
-def frame_count(samples) -> int:
-    return int(samples.shape[0])
-
-
 def auto_frames_per_batch(model, latent_shape, rows_per_frame: int = 2) -> int:
     """How many frames fit one model call (`rows_per_frame` rows each: both CFG halves) in 80% of the free memory,
     by ComfyUI's own estimate of the model's activation memory."""
@@ -113,12 +109,11 @@ def plan(model, count: int, latent_shape, per_batch: int, mode: str = "off", int
         raise PhotoswapInputError("frames_per_batch", f"0 (auto) or a frame count (got {per_batch})", "use 0")
     if per_batch == 0 and count > 1:
         per_batch = min(count, auto_frames_per_batch(model, latent_shape, rows_per_frame))
-        if mode == "first+previous":
-            per_batch = count  # a chain cannot be chunked; one batch (may run out of memory: the error says so)
+        if mode == "first+previous" and per_batch < count:
+            raise PhotoswapInputError(
+                "frame_attention", f"a clip that fits one batch with 'first+previous' (about {per_batch} of its "
+                                   f"{count} frames fit in memory at this size, and the chain cannot be split)",
+                "use frame_attention 'first' or 'keyframes' (they run in batches of any size), or fewer frames or "
+                "a smaller size")
     return chunks(count, per_batch, mode, interval)
 
-
-def check_frames_match(count: int, other: int, input_name: str, what: str, fix: str) -> None:
-    """Two inputs describing the same clip must agree on its frame count."""
-    if other not in (1, count):
-        raise PhotoswapInputError(input_name, f"{what} for 1 or {count} frames (the clip's; got {other})", fix)

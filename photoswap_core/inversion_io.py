@@ -1,7 +1,8 @@
 """Save / load a PHOTOSWAP_INVERSION (`inversion.InversionResult`) as one safetensors file with a JSON header.
 
 File layout (format "photoswap-inversion", version 1). Tensors:
-- `trajectory` [N+1, 1, C, h, w], `inversion_latents` [N+1, 1, C, h, w], `null_embeddings` [N, 1, T, C];
+- `trajectory` [N+1, F, C, h, w], `inversion_latents` [N+1, F, C, h, w], `null_embeddings` [N, 1 or F, T, C]
+  (F = 1 for an image; a clip's F frames, its null-text embeddings per frame);
 - `schedule.sigmas` [N+1] float32, `schedule.timesteps` [N] int64;
 - `source.cond` / `negative.cond` (the CONDITIONING tensors, dtype as given) and every tensor in their options dicts
   as `source.options.<key>` / `negative.options.<key>` (SDXL's `pooled_output`, …).

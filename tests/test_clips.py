@@ -201,3 +201,16 @@ def test_bad_clip_inputs_name_the_input_and_the_fix(tiny_sd15, clip3):
     with pytest.raises(PhotoswapInputError) as info:
         arch.check_latent(torch.zeros(1, 4, 3, 8, 6), "latent")
     assert "video-model latent" in info.value.expected
+
+
+def test_a_chained_clip_over_the_memory_estimate_is_explained(tiny_sd15, monkeypatch):
+    from comfyui_photoswap.photoswap_core import frames
+    from comfyui_photoswap.photoswap_core.errors import PhotoswapInputError
+
+    # ComfyUI's own estimate on the real model (CPU: plenty of memory for a tiny model)
+    assert frames.auto_frames_per_batch(tiny_sd15.model, (3, 4, *HW)) >= 3
+    monkeypatch.setattr(frames, "auto_frames_per_batch", lambda *a, **k: 2)  # a device that holds 2 frames
+    assert [c.frames for c in frames.plan(tiny_sd15.model, 3, (3, 4, *HW), 0, "first")] == [(0, 1), (0, 2)]
+    with pytest.raises(PhotoswapInputError) as info:
+        frames.plan(tiny_sd15.model, 3, (3, 4, *HW), 0, "first+previous")
+    assert info.value.input_name == "frame_attention" and "about 2 of its 3 frames" in info.value.expected
