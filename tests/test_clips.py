@@ -190,13 +190,11 @@ def test_bad_clip_inputs_name_the_input_and_the_fix(tiny_sd15, clip3):
     with pytest.raises(PhotoswapInputError) as info:
         _swap_clip(tiny_sd15, trace, "sideways")
     assert info.value.input_name == "frame_attention"
+    from comfy.nested_tensor import NestedTensor
+
     arch = inspect_model(tiny_sd15.model)
-
-    class Nested:  # what ComfyUI's NestedTensor latents (several sizes in one LATENT) look like to us
-        shape = (2, 4, 8, 6)
-
-    with pytest.raises(PhotoswapInputError) as info:
-        arch.check_latent(Nested(), "latent")
+    with pytest.raises(PhotoswapInputError) as info:  # frames of two sizes in one LATENT (ComfyUI's NestedTensor)
+        arch.check_latent(NestedTensor([torch.zeros(1, 4, 8, 6), torch.zeros(1, 4, 8, 8)]), "latent")
     assert info.value.input_name == "latent" and "one size" in info.value.expected
     with pytest.raises(PhotoswapInputError) as info:
         arch.check_latent(torch.zeros(1, 4, 3, 8, 6), "latent")
