@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from comfy_api.latest import io, ui
 
 from ..photoswap_core.errors import PhotoswapInputError
@@ -107,7 +109,8 @@ class PhotoswapNullTextInversion(io.ComfyNode):
         settings = InversionSettings(method=method, steps=int(steps), cfg=float(cfg),
                                      inner_iterations=int(inner_iterations),
                                      early_stop_epsilon=float(early_stop_epsilon), learning_rate=float(learning_rate))
-        frames = int(latent["samples"].shape[0]) if isinstance(latent, dict) and "samples" in latent else 1
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        frames = int(samples.shape[0]) if isinstance(samples, torch.Tensor) else 1  # the core checks the latent
         pbar = comfy.utils.ProgressBar(max(1, progress_total(settings, frames)))
         result, z_t, sigmas, image, text = invert_latent(
             model, latent, source_positive, negative, settings, vae, progress=lambda k: pbar.update(k),

@@ -454,7 +454,7 @@ def test_nodes_registered_with_schema(pack, N):
     inv_schema = N.PhotoswapNullTextInversion.define_schema()
     assert [i.id for i in inv_schema.inputs] == ["model", "latent", "source_positive", "negative", "steps", "cfg",
                                                  "method", "inner_iterations", "early_stop_epsilon", "learning_rate",
-                                                 "vae"]
+                                                 "vae", "frame_options"]
     defaults = {i.id: getattr(i, "default", None) for i in inv_schema.inputs}
     assert defaults["steps"] == 50 and defaults["cfg"] == 7.5 and defaults["method"] == "null_text"
     assert defaults["inner_iterations"] == 10 and defaults["early_stop_epsilon"] == 1e-5
@@ -522,7 +522,7 @@ def test_bad_inputs_are_refused_clearly(N, tiny_sd15, err_type, case, input_name
     if case == "mixed_sizes":
         from comfy.nested_tensor import NestedTensor
 
-        latent = {"samples": NestedTensor([torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 6)])}
+        latent = NestedTensor([torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 6)])  # run_node wraps it
     elif case == "steps1":
         kwargs["steps"] = 1
     elif case == "cfg0":
