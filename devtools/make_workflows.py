@@ -48,6 +48,7 @@ BASE_SDXL = "sd_xl_base_1.0.safetensors"
 LORA_SDXL = "sks_dog_lora_sdxl.safetensors"
 CONTROLNET_SD15 = "control_v11p_sd15_canny.safetensors"
 SAVED_INVERSION = "photoswap/photoswap_cat_00001.safetensors [output]"
+VIDEO = "photoswap_clip.mp4"  # workflow 10: a short clip in ComfyUI's input folder
 SOURCE_PROMPT = "A photo of a cat"
 SUBJECT = "cat"
 CONCEPT = "sks dog"
@@ -550,6 +551,45 @@ def wf_composition(oi) -> Workflow:
     return wf
 
 
+def wf_video_clip(oi) -> Workflow:
+    """A clip through the core video nodes: its frames are one latent batch; Frame Options sets the cross-frame
+    attention; the swapped frames become a video again with the source's frame rate and audio."""
+    wf = Workflow("10_video_clip_swap", oi, "Photoswap 10: swap a subject through a short video clip (frames as a "
+                                            "batch, cross-frame attention)")
+    loader, concept = _concept_lora(wf, BASE_SD15, LORA_SD15)
+    note = wf.note(0, NOTES["10"])
+    video = wf.add("LoadVideo", 1, file=VIDEO)
+    parts = wf.add("GetVideoComponents", 1)
+    wf.link(video, "VIDEO", parts, "video")
+    first = wf.add("ImageFromBatch", 1, title="First 16 frames", batch_index=0, length=16)
+    wf.link(parts, "images", first, "image")
+    scale = wf.add("ImageScale", 1, upscale_method="lanczos", width=512, height=512, crop="center")
+    wf.link(first, "IMAGE", scale, "image")
+    encode = wf.add("VAEEncode", 1)
+    wf.link(scale, "IMAGE", encode, "pixels")
+    wf.link(concept, "VAE", encode, "vae")
+    pair = _prompt_pair(wf, concept)
+    options = wf.add("PhotoswapFrameOptions", 2, frame_attention="first", keyframe_interval=4, frames_per_batch=0)
+    inv = _inversion(wf, concept, encode, pair, "direct")
+    rec = _recorder(wf, concept, (pair, "source_positive"), (pair, "negative"), inversion=inv)
+    swap = _sampler(wf, concept, rec, (pair, "target_positive"), (pair, "negative"), pair)
+    for node in (inv, rec, swap):
+        wf.link(options, "frame_options", node, "frame_options")
+    decode = wf.add("VAEDecode", 4)
+    wf.link(swap, "swapped", decode, "samples")
+    wf.link(concept, "VAE", decode, "vae")
+    create = wf.add("CreateVideo", 4, fps=30.0)
+    wf.link(decode, "IMAGE", create, "images")
+    wf.link(parts, "fps", create, "fps")
+    wf.link(parts, "audio", create, "audio")
+    save = wf.add("SaveVideo", 4, title="Swapped video", filename_prefix="photoswap/10_video/swapped",
+                  format="auto", codec="auto")
+    wf.link(create, "VIDEO", save, "video")
+    _standard_groups(wf, [loader, concept, note], [video, parts, first, scale, encode, pair], [options, inv],
+                     [rec, swap], [decode, create, save])
+    return wf
+
+
 def _standard_groups(wf, load, photo, invert, swap, outs):
     wf.group("Model and concept", load, GROUP_COLORS["load"])
     wf.group("Photo and prompts", photo, GROUP_COLORS["load"])
@@ -597,13 +637,20 @@ NOTES = {
           "words of the source prompt): the head region attends only to the first concept's tokens, the body "
           "region only to the second's, and outside both regions the result is the source. An explicit MASK "
           "(any mask node) on the sampler's `region_mask` restricts the whole swap the same way."),
+    "10": ("## Swap through a video clip\nLoad Video → Get Video Components gives the frames as an IMAGE batch; "
+           "every frame is one latent of the batch (a clip). Each frame is inverted and reconstructed on its own "
+           "(the source's motion stays), and **Photoswap Frame Options** sets `frame_attention` (default `first`: "
+           "every frame's target self-attention also looks at frame 0, so the new subject looks the same in every "
+           "frame). Start with a few frames (ImageFromBatch `length`) at 512 px; `frames_per_batch` bounds the "
+           "memory (0 = as many as fit; the result does not depend on it). The swapped frames go back into a video "
+           "with the source's frame rate and audio."),
     "7b": ("## Swap with a saved inversion\nPick the file saved by 7a (refresh the page after saving). It must be "
            "used with the same model (checkpoint and LoRAs) it was made with: the loader checks the weights. The "
            "prompt pair's source prompt must be the one the inversion was made with."),
 }
 
 BUILDERS = [wf_real_dreambooth, wf_real_lora_direct, wf_synthetic, wf_controlnet, wf_sdxl, wf_sweep,
-            wf_save_inversion, wf_load_inversion, wf_multi_concept, wf_composition]
+            wf_save_inversion, wf_load_inversion, wf_multi_concept, wf_composition, wf_video_clip]
 
 
 def build_all(object_info: dict) -> list:
@@ -813,14 +860,14 @@ class _RunningServer:
 
 
 def generate(out_dir: Path = WORKFLOW_DIR, frontend: bool = True, shots_dir: Path | None = None,
-             url: str | None = None) -> list:
+             url: str | None = None, only: list | None = None) -> list:
     from devtools.server import ComfyServer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with (_RunningServer(url) if url else ComfyServer(checkpoints=("sd15",))) as server:
         object_info = server.object_info()
-        workflows = build_all(object_info)
+        workflows = [wf for wf in build_all(object_info) if not only or wf.name in only]
         if not frontend:
             for wf in workflows:
                 path = out_dir / f"{wf.name}.json"
@@ -853,8 +900,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-frontend", action="store_true", help="write the object_info-based JSON only")
     parser.add_argument("--out", type=Path, default=WORKFLOW_DIR)
     parser.add_argument("--url", help="use a ComfyUI that is already running (with this pack) instead of starting one")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="build only these workflows (file names, no .json)")
     args = parser.parse_args(argv)
-    generate(args.out, frontend=not args.no_frontend, url=args.url)
+    generate(args.out, frontend=not args.no_frontend, url=args.url, only=args.only)
     return 0
 
 

@@ -246,14 +246,14 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
                size: tuple | None = None, steps: int | None = None, inner_iterations: int | None = None,
                controlnet: str | None = None, inversion_file: str | None = None, concept_words: str | None = None,
                class_word: str | None = None, source_prompt: str | None = None, subject_word: str | None = None,
-               prefix: str | None = None) -> dict:
+               prefix: str | None = None, video: str | None = None) -> dict:
     """A copy of an API graph of the example workflows with the user's (or the tests') files and a smaller run.
 
     checkpoint: every CheckpointLoaderSimple, and the Photoswap concept loader when its source is 'checkpoint';
     lora: the concept loader when its source is 'lora' (and core LoraLoader); image: LoadImage; size (width,
     height): ImageScale and EmptyLatentImage; steps: inversion, recorder (and KSampler); controlnet:
     ControlNetLoader; inversion_file: Photoswap Load Inversion; concept words / prompts: the concept loader and the
-    prompt pair; prefix: replaces the leading 'photoswap' folder of every SaveImage / Save Inversion prefix."""
+    prompt pair; video: LoadVideo; prefix: replaces the leading 'photoswap' folder of every SaveImage / Save Inversion prefix."""
     graph = copy.deepcopy(graph)
     for _nid, node in graph.items():
         kind, inputs = node["class_type"], node["inputs"]
@@ -275,6 +275,8 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
             put("lora_name", lora)
         elif kind == "LoadImage":
             put("image", image)
+        elif kind == "LoadVideo":
+            put("file", video)
         elif kind in ("ImageScale", "EmptyLatentImage") and size is not None:
             put("width", int(size[0]))
             put("height", int(size[1]))
@@ -290,7 +292,7 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
             put("concept_words", concept_words)
             put("source_prompt", source_prompt)
             put("subject_word", subject_word)
-        elif kind in ("SaveImage", "PhotoswapSaveInversion") and prefix is not None:
+        elif kind in ("SaveImage", "SaveVideo", "PhotoswapSaveInversion") and prefix is not None:
             old = inputs.get("filename_prefix", "")
             if isinstance(old, str):
                 head, _, tail = old.partition("/")

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from comfy_api.latest import io, ui
 
 from ..photoswap_core.errors import PhotoswapInputError
 from ..photoswap_core.inversion import METHODS, summary, z_t_latent
 from ..photoswap_core.inversion_files import resolve_inversion_file, saved_inversion_files
-from .types import CATEGORY, Inversion
+from .types import CATEGORY, FrameOptions, Inversion
 
 log = logging.getLogger("photoswap")
 
@@ -42,8 +44,8 @@ class PhotoswapNullTextInversion(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x or SDXL) — the same model, with the "
                                                 "same LoRAs, that the recorder and swap sampler will use."),
-                io.Latent.Input("latent", tooltip="The source image latent from VAE Encode (batch of 1; any size "
-                                                  "and aspect)."),
+                io.Latent.Input("latent", tooltip="The source image latent from VAE Encode (any size and aspect; "
+                                                  "a batch of frames is a clip, each frame inverted on its own)."),
                 io.Conditioning.Input("source_positive",
                                       tooltip="The encoded source prompt describing the image (Photoswap Prompt "
                                               "Pair's source_positive, or CLIP Text Encode)."),
@@ -75,6 +77,9 @@ class PhotoswapNullTextInversion(io.ComfyNode):
                 io.Vae.Input("vae", optional=True,
                              tooltip="Optional: decode the reconstruction (the source trajectory's last latent) as "
                                      "a preview and as the IMAGE output."),
+                FrameOptions.Input("frame_options", optional=True,
+                                   tooltip="A clip (latent batch of frames): from Photoswap Frame Options; only its "
+                                           "frames_per_batch matters here. Each frame is inverted on its own."),
             ],
             outputs=[
                 Inversion.Output(display_name="inversion",
@@ -95,7 +100,8 @@ class PhotoswapNullTextInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, source_positive, negative, steps=50, cfg=7.5, method="null_text",
-                inner_iterations=10, early_stop_epsilon=1e-5, learning_rate=1e-2, vae=None) -> io.NodeOutput:
+                inner_iterations=10, early_stop_epsilon=1e-5, learning_rate=1e-2, vae=None,
+                frame_options=None) -> io.NodeOutput:
         import comfy.utils
 
         from ..photoswap_core.inversion import InversionSettings, invert_latent, progress_total
@@ -103,9 +109,12 @@ class PhotoswapNullTextInversion(io.ComfyNode):
         settings = InversionSettings(method=method, steps=int(steps), cfg=float(cfg),
                                      inner_iterations=int(inner_iterations),
                                      early_stop_epsilon=float(early_stop_epsilon), learning_rate=float(learning_rate))
-        pbar = comfy.utils.ProgressBar(max(1, progress_total(settings)))
-        result, z_t, sigmas, image, text = invert_latent(model, latent, source_positive, negative, settings, vae,
-                                                         progress=lambda k: pbar.update(k))
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        frames = int(samples.shape[0]) if isinstance(samples, torch.Tensor) else 1  # the core checks the latent
+        pbar = comfy.utils.ProgressBar(max(1, progress_total(settings, frames)))
+        result, z_t, sigmas, image, text = invert_latent(
+            model, latent, source_positive, negative, settings, vae, progress=lambda k: pbar.update(k),
+            frames_per_batch=frame_options.frames_per_batch if frame_options is not None else 0)
         log.info("Photoswap inversion: %s", text.replace("\n", "; "))
         ui_out = {"text": (text,)}
         if image is not None:

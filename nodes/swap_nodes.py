@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .types import CATEGORY, Inversion, Prompts, SourceTrace
+from .types import CATEGORY, FrameOptions, Inversion, Prompts, SourceTrace
 
 
 def _progress():
@@ -64,6 +64,10 @@ class PhotoswapAttentionRecorder(io.ComfyNode):
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5,
                                tooltip="Upper bound for the recorded tensors in GB; 0 = auto (half of free memory). "
                                        "Over budget, nothing is kept and the sampler runs lockstep."),
+                FrameOptions.Input("frame_options", optional=True,
+                                   tooltip="A clip (latent batch of frames): from Photoswap Frame Options; only its "
+                                           "frames_per_batch matters here. Unconnected: as many frames per batch "
+                                           "as fit."),
             ],
             outputs=[
                 SourceTrace.Output(display_name="trace", tooltip="The PHOTOSWAP_SOURCE_TRACE for the swap sampler."),
@@ -74,13 +78,16 @@ class PhotoswapAttentionRecorder(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, source_positive, negative, inversion=None, latent=None, seed=8888, steps=50, cfg=7.5,
-                record_fraction=1.0, record_self_maps=False, storage="auto", memory_budget_gb=0.0) -> io.NodeOutput:
+                record_fraction=1.0, record_self_maps=False, storage="auto", memory_budget_gb=0.0,
+                frame_options=None) -> io.NodeOutput:
         from ..photoswap_core.recorder import record_source
 
+        per_batch = frame_options.frames_per_batch if frame_options is not None else 0
         trace, source = record_source(model, source_positive, negative, inversion=inversion, latent=latent, seed=seed,
                                       steps=steps, cfg=cfg, fraction=record_fraction,
                                       record_self_maps=record_self_maps, storage=storage,
-                                      memory_budget_gb=memory_budget_gb, callback=_progress())
+                                      memory_budget_gb=memory_budget_gb, callback=_progress(),
+                                      frames_per_batch=per_batch)
         return io.NodeOutput(trace, source)
 
 
@@ -133,7 +140,12 @@ class PhotoswapAttentionSwapSampler(io.ComfyNode):
                 io.Mask.Input("region_mask", optional=True,
                               tooltip="Optional explicit region (any ComfyUI mask, white = swap): outside it the "
                                       "result is the source, inside it the swap; combined with the Prompt Pair's "
-                                      "region words. Resized to the latent by area averaging; one mask."),
+                                      "region words. Resized to the latent by area averaging; one mask, or "
+                                      "one per frame for a clip."),
+                FrameOptions.Input("frame_options", optional=True,
+                                   tooltip="A clip (latent batch of frames): from Photoswap Frame Options "
+                                           "(frame_attention, keyframes, frames per batch). Unconnected: "
+                                           "frame_attention 'first', as many frames per batch as fit."),
             ],
             outputs=[
                 io.Latent.Output(display_name="swapped", tooltip="The target latent (decode with VAE Decode)."),
@@ -151,15 +163,56 @@ class PhotoswapAttentionSwapSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, trace, target_positive, negative, prompts, self_output=0.8, self_map=0.0, cross_map=0.6,
                 local_blend=True, blend_threshold=0.3, blend_start=0.2, cfg=7.5,
-                force_lockstep=False, region_mask=None) -> io.NodeOutput:
+                force_lockstep=False, region_mask=None, frame_options=None) -> io.NodeOutput:
+        from ..photoswap_core.frames import FrameOptions as Options
         from ..photoswap_core.swap_rules import SwapWindows
         from ..photoswap_core.swap_sampler import swap_images
 
         windows = SwapWindows(self_output, self_map, cross_map, local_blend, blend_threshold, blend_start)
-        swapped, source, mask, pair_masks = swap_images(model, trace, target_positive, negative, prompts, windows,
-                                                        cfg, lockstep=force_lockstep, callback=_progress(),
-                                                        region_mask=region_mask)
+        options = (frame_options or Options()).check()
+        swapped, source, mask, pair_masks = swap_images(
+            model, trace, target_positive, negative, prompts, windows, cfg, lockstep=force_lockstep,
+            callback=_progress(), region_mask=region_mask, frame_attention=options.frame_attention,
+            keyframe_interval=options.keyframe_interval, frames_per_batch=options.frames_per_batch)
         return io.NodeOutput(swapped, source, mask, pair_masks)
 
 
-NODES = [PhotoswapAttentionRecorder, PhotoswapAttentionSwapSampler]
+class PhotoswapFrameOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from ..photoswap_core.frames import DEFAULT_FRAME_ATTENTION, DEFAULT_KEYFRAME_INTERVAL, FRAME_ATTENTION
+
+        return io.Schema(
+            node_id="PhotoswapFrameOptions",
+            display_name="Photoswap Frame Options",
+            category=f"{CATEGORY}/swap",
+            description=(
+                "How a clip is swapped: a latent batch of F frames (VAE Encode of a video's frames) is one clip; "
+                "each frame is inverted and reconstructed on its own, and in the target pass every frame's "
+                "self-attention also looks at anchor frames so the new subject stays the same from frame to frame. "
+                "Connect to the Swap Sampler (and the Recorder / Inversion for frames_per_batch)."),
+            inputs=[
+                io.Combo.Input("frame_attention", options=list(FRAME_ATTENTION), default=DEFAULT_FRAME_ATTENTION,
+                               tooltip="Cross-frame attention in the target pass: off = every frame alone; first = "
+                                       "every frame also attends to frame 0 (default); first+previous = to frame 0 "
+                                       "and the frame before (needs all frames in one batch); keyframes = every "
+                                       "k-th frame is a keyframe, the others attend to their last keyframe."),
+                io.Int.Input("keyframe_interval", default=DEFAULT_KEYFRAME_INTERVAL, min=1, max=1000,
+                             tooltip="keyframes only: every this many frames is a keyframe (0, k, 2k, …)."),
+                io.Int.Input("frames_per_batch", default=0, min=0, max=4096,
+                             tooltip="Frames per model call (memory): 0 = as many as fit. The result does not "
+                                     "depend on it (each batch recomputes the anchor frames it needs)."),
+            ],
+            outputs=[FrameOptions.Output(display_name="frame_options",
+                                         tooltip="PHOTOSWAP_FRAME_OPTIONS for the Swap Sampler, Recorder and "
+                                                 "Inversion.")],
+        )
+
+    @classmethod
+    def execute(cls, frame_attention="first", keyframe_interval=4, frames_per_batch=0) -> io.NodeOutput:
+        from ..photoswap_core.frames import FrameOptions as Options
+
+        return io.NodeOutput(Options(frame_attention, int(keyframe_interval), int(frames_per_batch)).check())
+
+
+NODES = [PhotoswapAttentionRecorder, PhotoswapAttentionSwapSampler, PhotoswapFrameOptions]

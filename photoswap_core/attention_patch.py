@@ -2,9 +2,11 @@
 APPLY_MODEL wrapper that rewrites the conditioning rows, and an OUTER_SAMPLE wrapper that hands the per-run `SwapRun`
 to them through `transformer_options["photoswap"]` for exactly one sampling run (reset at its start).
 
-Modes (one latent row per CFG chunk; roles derived from `cond_or_uncond` on every call):
+Modes (per CFG chunk one latent row per frame, chunk-major; roles derived from `cond_or_uncond` on every call):
 - RECORD: the source row; stores what the swap windows need (into a trace, or for one step in lockstep).
 - TARGET: the target row; source tensors come from `source_store` / `source_blend_maps`.
+In a target call of a clip, the target rows' own self-attention also attends to their anchor frames' keys and
+values (`frame_attention`, photoswap_core/frames.py); the source rows never do.
 Lockstep is the sampler alternating a record call and a target call every step, so it runs exactly the arithmetic
 of the recorded-trace mode.
 Exact fused forms (DESIGN.md §3): output swap copies the source attention output; self-map swap is
@@ -20,7 +22,7 @@ from enum import Enum
 
 import torch
 
-from . import swap_rules
+from . import frames, swap_rules
 from .blend import SwapMasks
 from .trace import TensorKind, TraceKey
 
@@ -64,15 +66,20 @@ class SwapRun:
 
     def __init__(self, arch, mode: RunMode, steps, windows, source_store=None, source_blend_maps=None, prompts=None,
                  null_embeddings=None, source_kwargs=None, uncond_kwargs=None, recorder=None, device=None,
-                 source_blend_grid=None, region_mask=None):
+                 source_blend_grid=None, region_mask=None, frame_ids=(0,), frame_attention="off",
+                 keyframe_interval=frames.DEFAULT_KEYFRAME_INTERVAL):
         self.arch = arch
+        self.frames = len(frame_ids)  # latent rows per CFG chunk: the frames of this batch (clip frame numbers)
+        # per frame of the batch: the positions of its anchor frames (frame_attention; all () when off)
+        self.anchor_rows = [tuple(frame_ids.index(a) for a in frames.anchors(f, frame_attention, keyframe_interval))
+                            for f in frame_ids]
         self.mode = RunMode(mode)
         self.steps = steps
         self.windows = windows
         self.source_store = source_store  # AttentionStore with the source tensors (target mode)
         self.source_blend_maps = source_blend_maps  # per step [tokens_b, T] source maps on `device` (target mode)
         self.prompts = prompts
-        self.null_embeddings = null_embeddings  # [N, 1, T, C] on device
+        self.null_embeddings = null_embeddings  # [N, 1 or F, T, C] on device
         self.source_kwargs = source_kwargs or {}  # {'c_crossattn': [1,T,C], 'y': [1,adm]} for the source cond row
         self.uncond_kwargs = uncond_kwargs or {}  # {'y': …} for uncond rows
         self.recorder = recorder  # record mode (and lockstep): a TraceRecorder
@@ -104,11 +111,19 @@ class SwapRun:
     def _chunks(self, extra, batch):
         chunks = extra.get("cond_or_uncond") or [0]
         per = batch // len(chunks)
-        if per != 1:
+        if per != self.frames or per * len(chunks) != batch:
             raise RuntimeError(
-                f"Photoswap: unexpected batch layout ({batch} rows for CFG chunks {chunks}); the latent batch must "
-                "be 1 (batches of images are not supported)")
+                f"Photoswap: unexpected batch layout ({batch} rows for CFG chunks {chunks}); expected "
+                f"{self.frames} frame(s) per chunk")
         return chunks, per
+
+    def _rows(self, ci: int) -> slice:
+        """The rows of CFG chunk `ci` (one per frame)."""
+        return slice(ci * self.frames, (ci + 1) * self.frames)
+
+    def _per_row(self, weight, chunks):
+        """A per-frame weight [F, Nq, 1] for the rows of every chunk."""
+        return weight if len(chunks) == 1 else weight.repeat(len(chunks), 1, 1)
 
     def _log(self, kind, layer, half):
         if SWAP_LOG.isEnabledFor(logging.DEBUG):
@@ -151,20 +166,42 @@ class SwapRun:
             return out
         store = self.source_store
         region = self.masks.query_weight(self.arch.token_grid(extra))
+        region = None if region is None else self._per_row(region, chunks).to(q.dtype)
         if swap_rules.output_swap_active(i, n, w):
             for c in chunks:
                 self._log("self_output", layer, c)
             out = torch.cat([store.get(TraceKey.self_out(i, layer, c), q.device) for c in chunks]).to(q.dtype)
-            return out if region is None else torch.lerp(self._plain(prior, q, k, v, extra), out, region.to(q.dtype))
+            return out if region is None else torch.lerp(self._target_self(prior, q, k, v, extra, chunks), out,
+                                                         region)
         if swap_rules.map_swap_active(i, n, w) and self.arch.self_map_layer(level) and 0 in chunks:
-            ci = chunks.index(0)
+            rows = self._rows(chunks.index(0))
             self._log("self_map", layer, 0)
             q_s, k_s = q.clone(), k.clone()
-            q_s[ci] = store.get(TraceKey.self_q(i, layer), q.device)
-            k_s[ci] = store.get(TraceKey.self_k(i, layer), q.device)
+            q_s[rows] = store.get(TraceKey.self_q(i, layer), q.device)
+            k_s[rows] = store.get(TraceKey.self_k(i, layer), q.device)
             out = self._plain(prior, q_s, k_s, v, extra)
-            return out if region is None else torch.lerp(self._plain(prior, q, k, v, extra), out, region.to(q.dtype))
-        return self._plain(prior, q, k, v, extra)
+            return out if region is None else torch.lerp(self._target_self(prior, q, k, v, extra, chunks), out,
+                                                         region)
+        return self._target_self(prior, q, k, v, extra, chunks)
+
+    def _target_self(self, prior, q, k, v, extra, chunks):
+        """The target rows' own self-attention: each frame's keys/values extended with those of its anchor frames
+        (the same CFG half's rows), grouped by anchor count so that each group is one attention call."""
+        if not any(self.anchor_rows):
+            return self._plain(prior, q, k, v, extra)
+        groups: dict = {}
+        for ci in range(len(chunks)):
+            base = ci * self.frames
+            for f, anchor in enumerate(self.anchor_rows):
+                groups.setdefault(len(anchor), []).append((base + f, [base + a for a in anchor]))
+        out = [None] * q.shape[0]
+        for rows in groups.values():
+            k_ext = torch.stack([torch.cat([k[r]] + [k[a] for a in anchor]) for r, anchor in rows])
+            v_ext = torch.stack([torch.cat([v[r]] + [v[a] for a in anchor]) for r, anchor in rows])
+            part = self._plain(prior, torch.stack([q[r] for r, _ in rows]), k_ext, v_ext, extra)
+            for j, (r, _) in enumerate(rows):
+                out[r] = part[j]
+        return torch.stack(out)
 
     # ---- cross-attention ----------------------------------------------------------------------------------------
     def cross_attention(self, layer, q, k, v, extra, prior):
@@ -176,39 +213,41 @@ class SwapRun:
             return self._plain(prior, q, k, v, extra)
         level = self.arch.layer_level(extra)
         at_blend = self.arch.blend_layer(level, extra)
-        ci = chunks.index(0)
+        rows = self._rows(chunks.index(0))
         heads, precision = extra["n_heads"], extra.get("attn_precision")
         grid = self.arch.token_grid(extra)
         target = self.mode is RunMode.TARGET
         allowed = self.masks.allowed_columns(grid, k.shape[1]) if target else None
-        maps = explicit_cross_maps(q[ci:ci + 1], k[ci:ci + 1], heads, precision, allowed)  # [1, H, Nq, T]
+        maps = explicit_cross_maps(q[rows], k[rows], heads, precision, allowed)  # [F, H, Nq, T]
         if not target:
-            self.recorder.record_cross(self.step, layer, q[ci], k[ci], maps if at_blend else None, grid)
+            self.recorder.record_cross(self.step, layer, q[rows], k[rows.start], maps if at_blend else None, grid)
         elif swap_rules.cross_swap_active(self.step, self.steps, self.windows):
             swapped = self._swapped_cross_maps(layer, maps, q, heads, precision)
             region = self.masks.query_weight(grid)
-            maps = swapped if region is None else torch.lerp(maps, swapped, region.to(maps.dtype))
+            maps = swapped if region is None else torch.lerp(maps, swapped, region.unsqueeze(1).to(maps.dtype))
         if target and at_blend and self.windows.local_blend:
             self.masks.add_target(maps, grid)
-        cond_out = maps_times_values(maps, v[ci:ci + 1], heads).to(q.dtype)
+        cond_out = maps_times_values(maps, v[rows], heads).to(q.dtype)
         if prior is not None:
             # another pack's patch (IP-Adapter …) keeps its effect on every row and step: the cond row gets the
             # explicit (possibly edited) output plus the prior's change to plain attention — the same arithmetic in
             # record and target calls and whatever the windows, so identity and trace ≡ lockstep stay exact
             out = prior(q, k, v, extra).clone()
-            plain = self.arch.attention(q[ci:ci + 1], k[ci:ci + 1], v[ci:ci + 1], extra)
-            out[ci] = (cond_out[0] + (out[ci] - plain[0])).to(out.dtype)
+            plain = self.arch.attention(q[rows], k[rows], v[rows], extra)
+            out[rows] = (cond_out + (out[rows] - plain)).to(out.dtype)
             return out
-        parts = [cond_out if c == 0 else self.arch.attention(q[j:j + 1], k[j:j + 1], v[j:j + 1], extra)
+        parts = [cond_out if c == 0 else self.arch.attention(q[self._rows(j)], k[self._rows(j)], v[self._rows(j)],
+                                                              extra)
                  for j, c in enumerate(chunks)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _swapped_cross_maps(self, layer, maps, q, heads, precision):
         """Target column j := α_j·(source column mapper[j]) + (1 − α_j)·(target column j), no renormalisation."""
         self._log("cross_map", layer, 0)
-        q_s = self.source_store.get(TraceKey.cross_q(self.step, layer), q.device).unsqueeze(0).to(q.dtype)
-        k_s = self.source_store.get(TraceKey.cross_k(layer), q.device).unsqueeze(0).to(q.dtype)
-        s_maps = explicit_cross_maps(q_s, k_s, heads, precision)
+        q_s = self.source_store.get(TraceKey.cross_q(self.step, layer), q.device)
+        q_s = q_s.reshape(-1, *q_s.shape[-2:]).to(q.dtype)  # [F, Nq, C]
+        k_s = self.source_store.get(TraceKey.cross_k(layer), q.device).to(q.dtype)
+        s_maps = explicit_cross_maps(q_s, k_s.expand(q_s.shape[0], *k_s.shape), heads, precision)
         alphas = self._alphas.to(maps.dtype)  # already on the device: a cast, no transfer
         return s_maps[..., self._mapper] * alphas + maps * (1 - alphas)
 
@@ -227,9 +266,11 @@ class SwapRun:
         y = kwargs.get("y")
         y = y.clone() if y is not None else None
         null = self.null_embeddings[min(self.step, self.null_embeddings.shape[0] - 1)]
-        for row, c in enumerate(chunks):
+        per = ctx.shape[0] // len(chunks)
+        for row in range(ctx.shape[0]):
+            c = chunks[row // per]
             if c == 1:
-                ctx[row] = null[0].to(ctx.device, ctx.dtype)
+                ctx[row] = null[row % per if null.shape[0] > 1 else 0].to(ctx.device, ctx.dtype)
                 if y is not None and "y" in self.uncond_kwargs:
                     y[row] = self.uncond_kwargs["y"][0].to(y.device, y.dtype)
             elif recording:

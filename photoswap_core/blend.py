@@ -10,6 +10,7 @@ Per step i of the target pass (`SwapMasks`):
 - after the step (`end_step`): LocalBlend mask M_p of pair p (from the blend start on; the reference's rule per
   pair), W_p = M_p·R_p, U = max_p W_p; target := source + U·(target − source) while LocalBlend runs, else
   lerp(source, target, R) where any region is set (exact at 0 and 1). One pair without a region is the reference.
+A clip of F frames has every map, region and mask per frame (a leading frame dimension F).
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def _pooled(maps: torch.Tensor, latent_hw: tuple) -> torch.Tensor:
 
 
 def blend_mask(source_map: torch.Tensor, target_map: torch.Tensor, latent_hw: tuple, threshold: float) -> torch.Tensor:
-    """Mask [1, 1, H, W] (bool) from the accumulated subject-column maps of both rows, each [h_b, w_b]: per row the
-    pooled, normalised map above the threshold; the target's mask is the union of both rows' masks."""
-    mask = _pooled(torch.stack([source_map, target_map]), latent_hw) > threshold
-    return (mask[:1] | mask[1:2])
+    """Mask [F, 1, H, W] (bool) from the accumulated subject-column maps of both rows, each [F, h_b, w_b]: per row
+    and frame the pooled, normalised map above the threshold; the target's mask is the union of both rows' masks."""
+    frames = source_map.shape[0]
+    mask = _pooled(torch.cat([source_map, target_map]), latent_hw) > threshold
+    return (mask[:frames] | mask[frames:])
 
 
 def apply_blend(x_source: torch.Tensor, x_target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,7 @@ class SwapMasks:
         return value if total is None else total + value
 
     def add_source(self, source_map: torch.Tensor | None) -> None:
-        """The source's blend-layer maps [tokens_b, T] of this step (None: not recorded)."""
+        """The source's blend-layer maps [F, tokens_b, T] of this step (None: not recorded)."""
         if source_map is None:
             return
         if self.windows.local_blend:
@@ -91,10 +93,10 @@ class SwapMasks:
                 self.region_source[p] = self._add(self.region_source[p], source_map[..., c].sum(-1))
 
     def add_target(self, maps: torch.Tensor, grid: tuple) -> None:
-        """The target cond row's (edited) maps [1, H, Nq, T] at a blend layer."""
+        """The target cond rows' (edited) maps [F, H, Nq, T] at a blend layer."""
         self.blend_grid = grid
         for p, c in enumerate(self._tgt_cols):
-            self.blend_target[p] = self._add(self.blend_target[p], maps[..., c].sum(-1).mean(1)[0].float())
+            self.blend_target[p] = self._add(self.blend_target[p], maps[..., c].sum(-1).mean(1).float())
 
     def begin_step(self, latent_hw: tuple, grid: tuple | None) -> None:
         """Regions for this step (after `add_source`), from the accumulated source maps on the blend grid."""
@@ -105,14 +107,14 @@ class SwapMasks:
         for p, total in enumerate(self.region_source):
             region = None
             if total is not None and grid is not None:
-                region = (_pooled(total.reshape(1, *grid), latent_hw) > self.windows.blend_threshold).float()
+                region = (_pooled(total.reshape(-1, *grid), latent_hw) > self.windows.blend_threshold).float()
             if self.region_mask is not None:
                 region = self.region_mask if region is None else region * self.region_mask
             regions.append(region)
         self.regions = regions
 
     def query_weight(self, grid: tuple) -> torch.Tensor | None:
-        """Where any pair's swap acts, at an attention layer's token grid: [Nq, 1] in [0, 1] (None: everywhere)."""
+        """Where any pair's swap acts, at an attention layer's token grid: [F, Nq, 1] in [0, 1] (None: everywhere)."""
         if not self.restricted or self.regions is None:
             return None
         if grid not in self._on_grid:
@@ -121,12 +123,12 @@ class SwapMasks:
                 if region is None:
                     return None  # a pair without a region acts everywhere
                 union = region if union is None else torch.maximum(union, region)
-            self._on_grid[grid] = resize_region(union, grid).reshape(-1, 1)
+            self._on_grid[grid] = resize_region(union, grid).flatten(1).unsqueeze(-1)
         return self._on_grid[grid]
 
     def allowed_columns(self, grid: tuple, columns: int) -> torch.Tensor | None:
-        """Composition by parts: [Nq, T] bool, False where a query outside pair p's region would attend to pair p's
-        concept tokens (None when no pair has a region word)."""
+        """Composition by parts: [F, 1, Nq, T] bool, False where a query outside pair p's region would attend to pair
+        p's concept tokens (None when no pair has a region word)."""
         if self.regions is None or all(c is None for c in self._region_cols):
             return None
         key = ("columns", grid)
@@ -135,13 +137,13 @@ class SwapMasks:
             for p, region in enumerate(self.regions):
                 if self._region_cols[p] is None or region is None:
                     continue
-                inside = resize_region(region, grid).reshape(-1, 1) >= 0.5
+                inside = resize_region(region, grid).flatten(1).unsqueeze(-1) >= 0.5  # [F, Nq, 1]
                 if allowed is None:
-                    allowed = torch.ones(inside.shape[0], columns, dtype=torch.bool, device=inside.device)
+                    allowed = torch.ones(*inside.shape[:2], columns, dtype=torch.bool, device=inside.device)
                 blocked = torch.zeros(columns, dtype=torch.bool, device=inside.device)
                 blocked[self._concept_cols[p]] = True
                 allowed = allowed & (inside | ~blocked)
-            self._on_grid[key] = allowed
+            self._on_grid[key] = None if allowed is None else allowed.unsqueeze(1)
         return self._on_grid[key]
 
     def end_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor):
@@ -155,8 +157,8 @@ class SwapMasks:
             w = None
             if blending:
                 h_b, w_b = self.blend_grid
-                w = blend_mask(self.blend_source[p].reshape(h_b, w_b), self.blend_target[p].reshape(h_b, w_b), hw,
-                               self.windows.blend_threshold).to(x_target.device)
+                w = blend_mask(self.blend_source[p].reshape(-1, h_b, w_b), self.blend_target[p].reshape(-1, h_b, w_b),
+                               hw, self.windows.blend_threshold).to(x_target.device)
             region = self.regions[p] if self.regions is not None else None
             if region is not None:
                 w = region if w is None else w.float() * region
@@ -167,7 +169,8 @@ class SwapMasks:
         for m in masks[1:]:
             union = union | m if union.dtype == torch.bool and m.dtype == torch.bool else torch.maximum(
                 union.float(), m.float())
-        self.pair_masks = torch.cat([m.float() for m in masks])
+        frames = x_target.shape[0]
+        self.pair_masks = torch.cat([m.float().expand(frames, *m.shape[1:]) for m in masks])  # pair-major
         if blending:
             return apply_blend(x_source, x_target, union), union
         return torch.lerp(x_source, x_target, union.to(x_target.dtype)), union

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import frames
 from .arch import Schedule, inspect_model
 from .errors import PhotoswapInputError
 from .evaluator import DirectEvaluator
@@ -63,7 +64,7 @@ def ddim_invert(evaluator: DirectEvaluator, schedule: Schedule, image_latent, co
         x = evaluator.arch.move(x, eps, float(schedule.sigmas[src]), sigma_dst)
         latents.append(x)
         if progress:
-            progress(1)
+            progress(x.shape[0])  # one unit per frame and step
     return latents
 
 
@@ -172,18 +173,40 @@ def cfg_trajectory(evaluator, schedule, z_t, cond_kwargs, null_embeddings, guida
         x = evaluator.arch.move(x, eps_u + guidance * (eps_c - eps_u), sigma, float(schedule.sigmas[i + 1]))
         trajectory.append(x)
         if progress:
-            progress(1)
+            progress(x.shape[0])
     return trajectory
 
 
-def progress_total(settings: InversionSettings) -> int:
-    """Units of work for a ProgressBar: model evaluations of the inversion plus the source pass/optimisation."""
+def _null_text_frames(evaluator, schedule, inversion_latents, cond_kwargs, null_ctx, settings, progress, uncond_y,
+                      out):
+    """Null-text optimisation frame by frame (each frame its own per-step null embeddings and early stops, exactly
+    as a single image): returns (nulls [N, F, T, C], trajectory of [F, …] latents)."""
+    frames = inversion_latents[0].shape[0]
+    runs = []
+    for f in range(frames):
+        latents = inversion_latents if frames == 1 else [x[f:f + 1] for x in inversion_latents]
+        runs.append(null_text_optimization(evaluator, schedule, latents, cond_kwargs, null_ctx, settings, progress,
+                                           uncond_y=uncond_y))
+    for _, _, iterations, losses in runs:
+        out.inner_iterations.extend(iterations)
+        out.losses.extend(losses)
+    if frames == 1:
+        kept, trajectory = runs[0][0], runs[0][1]
+        return torch.stack([k.float() for k in kept]), trajectory
+    nulls = torch.stack([torch.cat([r[0][i].float() for r in runs]) for i in range(len(runs[0][0]))])
+    trajectory = [torch.cat([r[1][i] for r in runs]) for i in range(len(runs[0][1]))]
+    return nulls, trajectory
+
+
+def progress_total(settings: InversionSettings, frames: int = 1) -> int:
+    """Units of work for a ProgressBar: model evaluations of the inversion plus the source pass/optimisation (the
+    units count frames × steps: a clip of F frames is F times the work of one image)."""
     n = settings.steps
     if settings.method == "null_text":
-        return n + n * settings.inner_iterations
+        return frames * (n + n * settings.inner_iterations)
     if settings.method == "direct":
-        return n
-    return 2 * n
+        return frames * n
+    return frames * 2 * n
 
 
 def invert(model, schedule: Schedule, image_latent_vp, source_entry, null_entry, settings: InversionSettings,
@@ -203,10 +226,8 @@ def invert(model, schedule: Schedule, image_latent_vp, source_entry, null_entry,
     n = schedule.steps
     out = InversionOutput(inversion_latents=inversion_latents, trajectory=[], null_embeddings=None)
     if settings.method == "null_text":
-        kept, trajectory, out.inner_iterations, out.losses = null_text_optimization(
-            evaluator, schedule, inversion_latents, cond_kwargs, null_ctx, settings, progress, uncond_y=uncond_y)
-        nulls = torch.stack([k.float() for k in kept])
-        out.trajectory = trajectory
+        nulls, out.trajectory = _null_text_frames(evaluator, schedule, inversion_latents, cond_kwargs, null_ctx,
+                                                  settings, progress, uncond_y, out)
     elif settings.method == "direct":
         nulls = null_ctx.float().unsqueeze(0).expand(n, *null_ctx.shape).clone()
         out.trajectory = list(reversed(inversion_latents))
@@ -271,9 +292,26 @@ def validate_settings(settings: InversionSettings) -> None:
         raise PhotoswapInputError("inner_iterations", "at least 1", "use 10 (the reference's value)")
 
 
+def _concat(outputs: list) -> InversionOutput:
+    """The inversion of a clip from those of its chunks of frames (frames are independent: each its own run)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    nulls = [o.null_embeddings for o in outputs]
+    shared = all(nl.shape[1] == 1 and torch.equal(nl, nulls[0]) for nl in nulls)
+    out = InversionOutput(
+        inversion_latents=[torch.cat(xs) for xs in zip(*(o.inversion_latents for o in outputs))],
+        trajectory=[torch.cat(xs) for xs in zip(*(o.trajectory for o in outputs))],
+        null_embeddings=nulls[0] if shared else torch.cat(nulls, dim=1))
+    for o in outputs:
+        out.inner_iterations.extend(o.inner_iterations)
+        out.losses.extend(o.losses)
+    return out
+
+
 def run_inversion(model, latent_samples, source_positive, negative, settings: InversionSettings,
-                  progress=None) -> InversionResult:
-    """Validate inputs and invert a LATENT (unscaled VAE latent, batch 1) into an InversionResult."""
+                  progress=None, frames_per_batch: int = 0) -> InversionResult:
+    """Validate inputs and invert a LATENT (unscaled VAE latent; a batch of F frames is a clip, each frame its own
+    inversion, `frames_per_batch` at a time) into an InversionResult."""
     arch = inspect_model(model)
     arch.check_latent(latent_samples, "latent")
     validate_settings(settings)
@@ -281,7 +319,9 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
     neg_entry = arch.prompt_entry(model, negative, "negative")
     schedule = arch.schedule(model, settings.steps)
     image = arch.to_model_space(latent_samples)
-    out = invert(model, schedule, image, src_entry, neg_entry, settings, progress)
+    parts = frames.plan(model, image.shape[0], image.shape, frames_per_batch, rows_per_frame=1)
+    out = _concat([invert(model, schedule, image[c.frames[0]:c.frames[-1] + 1], src_entry, neg_entry, settings,
+                          progress) for c in parts])
     return InversionResult(
         schedule=schedule, arch=arch, settings=settings, latent_shape=tuple(latent_samples.shape),
         trajectory=[t.float().cpu() for t in out.trajectory],
@@ -291,12 +331,13 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
         inner_iterations=list(out.inner_iterations))
 
 
-def invert_latent(model, latent, source_positive, negative, settings: InversionSettings, vae=None, progress=None):
+def invert_latent(model, latent, source_positive, negative, settings: InversionSettings, vae=None, progress=None,
+                  frames_per_batch: int = 0):
     """The inversion node's stage: (result, z_T LATENT, sigmas, decoded reconstruction or None, summary text)."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise PhotoswapInputError("latent", "a LATENT (from VAE Encode)", "connect VAE Encode's output")
     samples = latent["samples"]
-    result = run_inversion(model, samples, source_positive, negative, settings, progress)
+    result = run_inversion(model, samples, source_positive, negative, settings, progress, frames_per_batch)
     text = summary(result, result.arch.to_model_space(samples.cpu()))
     image = None
     if vae is not None:

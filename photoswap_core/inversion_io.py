@@ -1,7 +1,8 @@
 """Save / load a PHOTOSWAP_INVERSION (`inversion.InversionResult`) as one safetensors file with a JSON header.
 
 File layout (format "photoswap-inversion", version 1). Tensors:
-- `trajectory` [N+1, 1, C, h, w], `inversion_latents` [N+1, 1, C, h, w], `null_embeddings` [N, 1, T, C];
+- `trajectory` [N+1, F, C, h, w], `inversion_latents` [N+1, F, C, h, w], `null_embeddings` [N, 1 or F, T, C]
+  (F = 1 for an image; a clip's F frames, its null-text embeddings per frame);
 - `schedule.sigmas` [N+1] float32, `schedule.timesteps` [N] int64;
 - `source.cond` / `negative.cond` (the CONDITIONING tensors, dtype as given) and every tensor in their options dicts
   as `source.options.<key>` / `negative.options.<key>` (SDXL's `pooled_output`, …).
@@ -313,6 +314,11 @@ def check_latent_matches(result, latent_samples: torch.Tensor, input_name: str =
             input_name, f"a latent of {h}×{w} (= {pw}×{ph} px), the size of the inverted image (got "
                         f"{shape[-2]}×{shape[-1]} = {gw}×{gh} px)",
             "use the image the inversion was made from (same size), or re-run the inversion for this image")
+    if shape[0] != result.latent_shape[0]:
+        raise PhotoswapInputError(
+            input_name, f"a latent of {result.latent_shape[0]} frame(s), the inverted clip's (got {shape[0]})",
+            "connect the frames the inversion was made from (the same clip, same frame count), or re-run the "
+            "inversion for these frames")
     if latent_fingerprint(latent_samples) != result.latent_fingerprint:
         log.warning("Photoswap: this latent differs from the one that was inverted (same size, other values); the "
                     "inversion reconstructs the original image, not this one")

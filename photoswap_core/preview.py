@@ -57,8 +57,9 @@ def attention_previews(model, trace, prompts, target_positive, step_fraction: fl
                        blend_mask: torch.Tensor | None = None) -> torch.Tensor:
     """IMAGE batch [2P + 2, H, W, 3] at image size: per subject pair its source subject map and target concept map
     (on the source layout), then the blend mask and the top SVD component of the source self-attention maps; each
-    normalised to [0, 1]."""
+    normalised to [0, 1]. A clip's previews are of its first frame."""
     arch = check_trace(model, trace)
+    trace = trace.select_frames((0,))
     image_hw = arch.latent.pixels(trace.latent_shape[-2:])
     step = min(trace.steps - 1, max(0, int(step_fraction * trace.steps)))
     maps_at = functools.partial(_maps_at, model, arch, trace, step)

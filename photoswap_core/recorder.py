@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from . import swap_rules
+from . import frames, swap_rules
 from .arch import inspect_model
 from .attention_patch import RunMode, SwapRun, patch_model
 from .errors import PhotoswapInputError
@@ -69,26 +69,31 @@ class TraceRecorder:
             self.store = None
 
     def record_self(self, i, layer, chunks, q, k, out, self_map_layer: bool):
+        """Rows are CFG chunks × frames (chunk-major); each tensor is stored with its frame dimension."""
         if self.store is None:
             return
+        per = q.shape[0] // len(chunks)
         if swap_rules.output_swap_active(i, self.steps, self.windows):
             for ci, c in enumerate(chunks):
-                self.store.put(TraceKey.self_out(i, layer, c), out[ci:ci + 1])
+                self.store.put(TraceKey.self_out(i, layer, c), out[ci * per:(ci + 1) * per])
         if (self.record_self_maps and 0 in chunks and swap_rules.map_swap_active(i, self.steps, self.windows)
                 and self_map_layer):
             ci = chunks.index(0)
-            self.store.put(TraceKey.self_q(i, layer), q[ci])
-            self.store.put(TraceKey.self_k(i, layer), k[ci])
+            self.store.put(TraceKey.self_q(i, layer), q[ci * per:(ci + 1) * per])
+            self.store.put(TraceKey.self_k(i, layer), k[ci * per:(ci + 1) * per])
         self._check_budget()
 
     def record_cross(self, i, layer, q_cond, k_cond, maps, grid):
+        """`q_cond` [F, Nq, C] (the cond rows), `k_cond` [T, C] (the source prompt's, the same for every frame),
+        `maps` [F, H, Nq, T] at a blend layer."""
         if self.store is not None and swap_rules.cross_swap_active(i, self.steps, self.windows):
             self.store.put(TraceKey.cross_q(i, layer), q_cond)
             if not self.store.has(TraceKey.cross_k(layer)):
                 self.store.put(TraceKey.cross_k(layer), k_cond)
             self._check_budget()
         if maps is not None:
-            layer_map = maps.mean(1)[0].float()
+            layer_map = maps.mean(1).float()
+            layer_map = layer_map[0] if layer_map.shape[0] == 1 else layer_map  # an image keeps [tokens_b, T]
             self.blend_maps[i] = layer_map if self.blend_maps[i] is None else self.blend_maps[i] + layer_map
             self.blend_grid = grid
 
@@ -119,7 +124,7 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
     recorder = TraceRecorder(n, windows, record_self_maps, device, 0 if fraction <= 0 else budget_bytes, storage)
     run = SwapRun(arch, RunMode.RECORD, n, windows, null_embeddings=null_embeddings.to(device), recorder=recorder,
                   source_kwargs=evaluator.model_kwargs(src_entry),
-                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)))
+                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)), frame_ids=tuple(range(shape[0])))
     plan = SamplingPlan(scales=arch.sampler_scales(schedule.sigmas))
     if trajectory_vp is not None:
         plan.trajectory_k = [t.to(device, torch.float32) * plan.scales[i] for i, t in enumerate(trajectory_vp)]
@@ -149,22 +154,45 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
     return trace
 
 
+def record_clip(model, source_positive, negative, schedule, cfg, *, trajectory_vp=None, start_latent_vp=None,
+                null_embeddings=None, frames_per_batch=0, **options) -> SourceTrace:
+    """`record_trace` over a clip, `frames_per_batch` frames at a time (frames are independent in the source pass,
+    so the chunks' traces are simply joined)."""
+    shape = tuple((trajectory_vp[0] if trajectory_vp is not None else start_latent_vp).shape)
+    parts = frames.plan(model, shape[0], shape, frames_per_batch)
+    if len(parts) == 1:
+        return record_trace(model, source_positive, negative, schedule, cfg, trajectory_vp=trajectory_vp,
+                            start_latent_vp=start_latent_vp, null_embeddings=null_embeddings, **options)
+    traces = []
+    for chunk in parts:
+        part = slice(chunk.frames[0], chunk.frames[-1] + 1)
+        nulls = null_embeddings if null_embeddings is None or null_embeddings.shape[1] == 1 else \
+            null_embeddings[:, part]
+        traces.append(record_trace(
+            model, source_positive, negative, schedule, cfg, null_embeddings=nulls,
+            trajectory_vp=[t[part] for t in trajectory_vp] if trajectory_vp is not None else None,
+            start_latent_vp=start_latent_vp[part] if start_latent_vp is not None else None, **options))
+    return SourceTrace.concat(traces)
+
+
 def record_source(model, source_positive, negative, *, inversion=None, latent=None, seed=8888, steps=50, cfg=7.5,
-                  fraction=1.0, record_self_maps=False, storage="auto", memory_budget_gb=0.0, callback=None):
+                  fraction=1.0, record_self_maps=False, storage="auto", memory_budget_gb=0.0, callback=None,
+                  frames_per_batch=0):
     """The Attention Recorder's stage: the source pass of a real photo (an inversion) or of a synthetic source
-    (noise from `seed` at the size of `latent`). Returns (trace, LATENT of the source's final latent)."""
+    (noise from `seed` at the size of `latent`); a clip of F frames is one trace. Returns (trace, LATENT of the
+    source's final latent)."""
     import comfy.sample
 
     arch = inspect_model(model)
     budget = None if memory_budget_gb <= 0 else int(memory_budget_gb * 2**30)
     options = dict(fraction=fraction, record_self_maps=record_self_maps, budget_bytes=budget, storage=storage,
-                   callback=callback)
+                   callback=callback, frames_per_batch=frames_per_batch)
     if inversion is not None:
         arch.check_same_model(model, inversion.arch, inversion.weights_fingerprint, "inversion", "the inversion",
                               "connect the same MODEL (same checkpoint and LoRAs) to the inversion and the Recorder")
-        trace = record_trace(model, source_positive, negative, inversion.schedule, inversion.settings.cfg,
-                             trajectory_vp=inversion.trajectory, null_embeddings=inversion.null_embeddings,
-                             method=inversion.settings.method, **options)
+        trace = record_clip(model, source_positive, negative, inversion.schedule, inversion.settings.cfg,
+                            trajectory_vp=inversion.trajectory, null_embeddings=inversion.null_embeddings,
+                            method=inversion.settings.method, **options)
     else:
         if latent is None:
             raise PhotoswapInputError(
@@ -173,6 +201,6 @@ def record_source(model, source_positive, negative, *, inversion=None, latent=No
         samples = latent["samples"]
         arch.check_latent(samples, "latent")
         start = comfy.sample.prepare_noise(samples, seed).float()
-        trace = record_trace(model, source_positive, negative, arch.schedule(model, steps), cfg,
-                             start_latent_vp=start, method="synthetic", **options)
+        trace = record_clip(model, source_positive, negative, arch.schedule(model, steps), cfg,
+                            start_latent_vp=start, method="synthetic", **options)
     return trace, {"samples": arch.to_latent(trace.trajectory[-1])}

@@ -5,9 +5,12 @@ per-step source cross-attention maps at the LocalBlend level (tiny). Optionally,
 tensors the swap windows need (DESIGN.md §3): per step and self-attention layer the source attention output (both CFG
 halves) and, at self-map layers, the source q/k (cond half); per cross layer the source q (cond half) and k (once).
 Tensors keep the model's compute dtype (fp16/bf16 on GPUs: half precision, lossless w.r.t. what was computed).
+A clip of F frames (photoswap_core/frames.py) is one trace: every per-frame tensor has a leading frame dimension F
+(the source prompt's cross keys, the same for every frame, are stored once).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -139,6 +142,21 @@ class AttentionStore:
     def has(self, key) -> bool:
         return key in self.tensors
 
+    def select_frames(self, index: slice | list) -> "AttentionStore":
+        """The store of some frames of a clip (outside the hot path: one indexing per tensor)."""
+        out = AttentionStore(self.location)
+        for key, tensor in self.tensors.items():
+            out.put(key, tensor if key.kind is TensorKind.CROSS_K else tensor[index])
+        return out
+
+    @staticmethod
+    def concat(stores: list) -> "AttentionStore":
+        """The store of a clip from those of consecutive chunks of its frames."""
+        out = AttentionStore(stores[0].location)
+        for key, tensor in stores[0].tensors.items():
+            out.put(key, tensor if key.kind is TensorKind.CROSS_K else torch.cat([s.tensors[key] for s in stores]))
+        return out
+
     def move_to(self, location: torch.device) -> None:
         pin = location.type == "cpu" and torch.cuda.is_available()
         for key, tensor in self.tensors.items():
@@ -151,9 +169,9 @@ class AttentionStore:
 class SourceTrace:
     schedule: object  # arch.Schedule
     arch: object  # arch.Architecture of the model it was recorded with
-    latent_shape: tuple  # (1, 4, h, w)
-    trajectory: list  # N+1 model-space latents (CPU float32): index i enters step i; N = source reconstruction
-    null_embeddings: torch.Tensor  # [N, 1, 77, C] float32 CPU
+    latent_shape: tuple  # (F, 4, h, w): F frames (1 for an image)
+    trajectory: list  # N+1 model-space latents [F, …] (CPU float32): index i enters step i; N = reconstruction
+    null_embeddings: torch.Tensor  # [N, 1 or F, 77, C] float32 CPU (1: shared by every frame)
     source_conditioning: list  # CONDITIONING of the source prompt
     negative_conditioning: list  # CONDITIONING whose pooled output/ADM the uncond rows use
     cfg: float
@@ -161,6 +179,7 @@ class SourceTrace:
     record_fraction: float
     weights_fingerprint: str
     blend_maps: list = field(default_factory=list)  # per step: [tokens_b, 77] float32 source cond cross maps
+    # (a clip: [F, tokens_b, 77])
     blend_grid: tuple | None = None  # (h_b, w_b) of the LocalBlend level
     store: AttentionStore | None = None
     source_steps_k: list | None = None  # per step: the source's own step result (sampler space); None: computed live
@@ -174,6 +193,53 @@ class SourceTrace:
     @property
     def has_attention(self) -> bool:
         return self.store is not None
+
+    @property
+    def frames(self) -> int:
+        return int(self.latent_shape[0])
+
+    def select_frames(self, frames: tuple) -> "SourceTrace":
+        """The trace of some frames of this clip (itself when all)."""
+        if tuple(frames) == tuple(range(self.frames)):
+            return self
+        index = slice(frames[0], frames[-1] + 1) if list(frames) == list(range(frames[0], frames[-1] + 1)) \
+            else list(frames)
+        nulls = self.null_embeddings if self.null_embeddings.shape[1] == 1 else self.null_embeddings[:, index]
+        return dataclasses.replace(
+            self, latent_shape=(len(frames), *self.latent_shape[1:]), trajectory=[t[index] for t in self.trajectory],
+            null_embeddings=nulls, blend_maps=[self._frame_maps(m)[index] if m is not None else None
+                                               for m in self.blend_maps],
+            store=self.store.select_frames(index) if self.store is not None else None,
+            source_steps_k=[s[index] for s in self.source_steps_k] if self.source_steps_k is not None else None)
+
+    def _frame_maps(self, m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(self.frames, *m.shape[-2:])
+
+    @staticmethod
+    def concat(traces: list) -> "SourceTrace":
+        """The trace of a clip from those of consecutive chunks of its frames (recorded separately)."""
+        if len(traces) == 1:
+            return traces[0]
+        first = traces[0]
+        nulls = [t.null_embeddings for t in traces]
+        shared = all(n.shape[1] == 1 and torch.equal(n, nulls[0]) for n in nulls)
+        stores = [t.store for t in traces]
+        kept = all(s is not None for s in stores)
+
+        def cat(lists):
+            return None if any(x is None for x in lists) else [
+                None if any(m is None for m in ms) else torch.cat(ms) for ms in zip(*lists)]
+
+        return dataclasses.replace(
+            first, latent_shape=(sum(t.frames for t in traces), *first.latent_shape[1:]),
+            trajectory=cat([t.trajectory for t in traces]),
+            null_embeddings=nulls[0] if shared else torch.cat(nulls, dim=1),
+            blend_maps=cat([[t._frame_maps(m) if m is not None else None for m in t.blend_maps] for t in traces]),
+            store=AttentionStore.concat(stores) if kept else None,
+            record_fraction=first.record_fraction if kept else 0.0,
+            self_maps_recorded=first.self_maps_recorded and kept,
+            dropped_reason=next((t.dropped_reason for t in traces if t.dropped_reason), None),
+            source_steps_k=cat([t.source_steps_k for t in traces]))
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.trajectory)

@@ -149,3 +149,16 @@ def test_no_host_device_sync_with_two_pairs_regions_and_a_mask(tiny_sd15, watche
     assert torch.isfinite(out.target).all() and out.pair_masks.shape[0] == 2
     assert calls.get("begin_step", 0) > 0 and calls.get("end_step", 0) > 0
     assert found == [], found
+
+
+@pytest.mark.parametrize("mode", ["first+previous", "keyframes"])
+def test_no_host_device_sync_in_a_clip_with_frame_attention(tiny_sd15, watched, mode):
+    """A clip of 3 frames (per-frame null embeddings would be indexed by row; anchors by frame): the cross-frame
+    self-attention, the per-frame masks and the row bookkeeping dispatch nothing that syncs."""
+    from test_clips import _clip_trace, _frames, _swap_clip
+
+    found, calls = watched
+    out = _swap_clip(tiny_sd15, _clip_trace(tiny_sd15, _frames(3)), mode, windows=(0.3, 0.2, 0.6))
+    assert out.target.shape[0] == 3 and out.mask.shape[0] == 3
+    assert calls.get("self_attention", 0) > 0 and calls.get("end_step", 0) > 0
+    assert found == [], found

@@ -454,7 +454,7 @@ def test_nodes_registered_with_schema(pack, N):
     inv_schema = N.PhotoswapNullTextInversion.define_schema()
     assert [i.id for i in inv_schema.inputs] == ["model", "latent", "source_positive", "negative", "steps", "cfg",
                                                  "method", "inner_iterations", "early_stop_epsilon", "learning_rate",
-                                                 "vae"]
+                                                 "vae", "frame_options"]
     defaults = {i.id: getattr(i, "default", None) for i in inv_schema.inputs}
     assert defaults["steps"] == 50 and defaults["cfg"] == 7.5 and defaults["method"] == "null_text"
     assert defaults["inner_iterations"] == 10 and defaults["early_stop_epsilon"] == 1e-5
@@ -501,14 +501,14 @@ def _unsupported_model(class_name):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("case,input_name,fragment", [
-    ("batch2", "latent", "batch of 1"),
+    ("mixed_sizes", "latent", "one size"),  # a batch of frames is a clip (tests/test_clips.py); sizes must agree
     ("steps1", "steps", "at least 2 steps"),
     ("cfg0", "cfg", "> 0"),
     ("cfg_negative", "cfg", "> 0"),
     ("null_text_cfg1", "cfg", "cfg > 1"),
     ("nan", "latent", "NaN"),
     ("channels16", "latent", "4 latent channels"),
-    ("video_latent", "latent", "[1, 4, h, w]"),
+    ("video_latent", "latent", "video-model latent"),
     ("lr0", "learning_rate", "> 0"),
     ("two_entry_conditioning", "source_positive", "one entry"),
     ("flux", "model", "Flux"),
@@ -519,8 +519,10 @@ def test_bad_inputs_are_refused_clearly(N, tiny_sd15, err_type, case, input_name
     latent = image_latent(tiny, 8, 8)
     pos = encode(tiny.clip, "a photo of a man")
     kwargs = dict(steps=4, cfg=7.5, method="direct")
-    if case == "batch2":
-        latent = image_latent(tiny, 8, 8, batch=2)
+    if case == "mixed_sizes":
+        from comfy.nested_tensor import NestedTensor
+
+        latent = NestedTensor([torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 6)])  # run_node wraps it
     elif case == "steps1":
         kwargs["steps"] = 1
     elif case == "cfg0":

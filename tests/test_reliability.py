@@ -162,6 +162,13 @@ def bad(N, s15, other_sd15, tiny_sd15, tiny_sdxl):
     return get
 
 
+def _nested(*tensors):
+    """ComfyUI's NestedTensor latent: frames/images of several sizes in one LATENT."""
+    from comfy.nested_tensor import NestedTensor
+
+    return NestedTensor(tensors)
+
+
 def _long_prompt():
     return "a photo of a cat " + " ".join(f"with a red hat number {i}" for i in range(16))
 
@@ -204,8 +211,8 @@ BAD_CASES = [
      lambda c: c.s15.sample(trace=c.get("null_text_trace"), cfg=1.0)),
     ("cfg_1_null_text_inversion", "cfg", ["null-text", "direct"],
      lambda c: _inversion(c.sd15, "null_text", steps=2, cfg=1.0)),
-    ("latent_batch_2", "latent", ["batch of 1", "Latent From Batch"],
-     lambda c: c.s15.record(latent={"samples": torch.zeros(2, 4, H, W)})),
+    ("latent_frames_of_two_sizes", "latent", ["one size", "ImageScale"],
+     lambda c: c.s15.record(latent={"samples": _nested(torch.zeros(1, 4, H, W), torch.zeros(1, 4, H, W + 1))})),
     ("latent_nan", "latent", ["NaN", "VAE"],
      lambda c: c.s15.record(latent={"samples": torch.full((1, 4, H, W), float("nan"))})),
     ("latent_inf_inversion", "latent", ["NaN or Inf"],

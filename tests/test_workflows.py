@@ -24,12 +24,14 @@ WORKFLOWS = REPO_ROOT / "workflows"
 W, H = 96, 64  # test photo and run size (non-square on purpose)
 STEPS, INNER = 2, 1
 PHOTO = "photoswap_test_chelsea_96x64.png"
+VIDEO, VIDEO_FRAMES = "photoswap_test_clip.mp4", 3
 LORA_SD15, LORA_SDXL = "photoswap_test_lora_sd15.safetensors", "photoswap_test_lora_sdxl.safetensors"
 CONTROLNET_FILE = "random-controlnet-sd15.safetensors"
 
 EXPECTED_FILES = ["1_real_image_swap_dreambooth", "2_real_image_swap_lora_direct", "3_synthetic_swap",
                   "4_controlnet_canny_target", "5_sdxl_real_image_swap", "6_window_sweep_grid", "7a_save_inversion",
-                  "7b_load_inversion_swap", "8_multi_concept_two_loras", "9_composition_by_parts"]
+                  "7b_load_inversion_swap", "8_multi_concept_two_loras", "9_composition_by_parts",
+                  "10_video_clip_swap"]
 PACK_MODULE_PREFIX = "custom_nodes."
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
@@ -533,6 +535,46 @@ def test_workflow_8_9_two_concepts(wf_env, name, prefix):
     result = run(server, graph)
     check_swap_outputs(server, result, graph, prefix, pairs=2)
     assert "Mask of each subject pair" in saved_images(server, result, graph)
+
+
+def write_clip(path: Path, frames: int = VIDEO_FRAMES, size=(W, H)) -> Path:
+    """A short clip with known motion (PyAV, H.264 or MPEG-4): the test photo shifted right by 4 px per frame."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    photo = np.asarray(Image.open(chelsea_photo(path.with_suffix(".png"), size)).convert("RGB"))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(photo, 4 * i, axis=1).copy(), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.e2e
+def test_workflow_10_video_clip(wf_env):
+    """A clip through the core video nodes: Load Video → Get Video Components → the swap with Frame Options →
+    Create Video → Save Video; the saved video has every frame at the run size."""
+    import av
+
+    server, object_info = wf_env
+    fresh(server)
+    write_clip(server.input_dir / VIDEO)
+    graph = api_graph("10_video_clip_swap", object_info, video=VIDEO)
+    assert any(n["class_type"] == "PhotoswapFrameOptions" for n in graph.values())
+    result = run(server, graph)
+    save = next(nid for nid, n in graph.items() if n["class_type"] == "SaveVideo")
+    entries = [e for key in ("images", "videos", "animated") for e in result.outputs.get(save, {}).get(key, [])
+               if isinstance(e, dict)]
+    assert entries, result.outputs.get(save)
+    path = server.output_dir / entries[0].get("subfolder", "") / entries[0]["filename"]
+    assert path.exists() and "photoswap/10_video/" in str(path).replace(os.sep, "/"), path
+    with av.open(str(path)) as container:
+        frames = [f for f in container.decode(video=0)]
+    assert len(frames) == VIDEO_FRAMES and (frames[0].width, frames[0].height) == (W, H)
 
 
 @pytest.mark.e2e

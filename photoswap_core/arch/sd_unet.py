@@ -86,13 +86,21 @@ class SDUNet(Architecture):
 
     # ---- latents -----------------------------------------------------------------------------------------------
     def check_latent(self, samples: torch.Tensor, input_name: str) -> None:
-        if samples.dim() != 4:
-            raise PhotoswapInputError(input_name, f"an image LATENT [1, 4, h, w] (got shape {tuple(samples.shape)})",
-                                      "connect VAE Encode / Empty Latent Image of an SD1.x/SD2.x/SDXL model")
-        if samples.shape[0] != 1:
+        """An image LATENT [F, 4, h, w]: F = 1 is one image, F > 1 a clip of F frames (photoswap_core/frames.py)."""
+        if type(samples) is not torch.Tensor:  # noqa: E721 — ComfyUI's NestedTensor holds latents of several sizes
             raise PhotoswapInputError(
-                input_name, f"a latent batch of 1 (got {samples.shape[0]})",
-                "Photoswap processes one image per run; split the batch (e.g. Latent From Batch) and run each image")
+                input_name, f"frames of one size in one latent tensor (got a {type(samples).__name__})",
+                "resize every frame to one size (Upscale Image / ImageScale) before VAE Encode, or run each size "
+                "separately")
+        if samples.dim() == 5:
+            raise PhotoswapInputError(
+                input_name, f"an image LATENT [frames, 4, h, w] (got a video-model latent {tuple(samples.shape)})",
+                "encode the frames (an IMAGE batch, e.g. from Get Video Components) with the image model's VAE Encode")
+        if samples.dim() != 4:
+            raise PhotoswapInputError(input_name, f"an image LATENT [F, 4, h, w] (got shape {tuple(samples.shape)})",
+                                      "connect VAE Encode / Empty Latent Image of an SD1.x/SD2.x/SDXL model")
+        if samples.shape[0] < 1:
+            raise PhotoswapInputError(input_name, "at least one frame (got an empty batch)", "connect a non-empty image")
         if samples.shape[1] != self.latent.channels:
             raise PhotoswapInputError(input_name, f"{self.latent.channels} latent channels (got {samples.shape[1]})",
                                       "use an SD1.x/SD2.x/SDXL VAE; other latent spaces are not supported")
