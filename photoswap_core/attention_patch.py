@@ -22,6 +22,7 @@ import torch
 
 from . import swap_rules
 from .blend import SwapMasks
+from .joint_attention import JointSwap
 from .trace import TensorKind, TraceKey
 
 PATCH_KEY = "photoswap"
@@ -78,6 +79,7 @@ class SwapRun:
         self.recorder = recorder  # record mode (and lockstep): a TraceRecorder
         self.source_blend_grid = source_blend_grid  # (h_b, w_b) of the source maps (a trace's; lockstep: recorder's)
         self.step = 0
+        self._joint = None  # JointSwap, made at the first joint-attention call (MM-DiT families)
         # made on the compute device once, here: built or copied inside the patch, each would be a blocking
         # host-to-device copy (a host-device synchronisation) at every layer call on a GPU
         self.masks = None
@@ -128,7 +130,7 @@ class SwapRun:
         elif swap_rules.map_swap_active(step, n, w):
             kinds.update((TensorKind.SELF_Q, TensorKind.SELF_K))
         if swap_rules.cross_swap_active(step, n, w):
-            kinds.update((TensorKind.CROSS_Q, TensorKind.CROSS_K))
+            kinds.update((TensorKind.CROSS_Q, TensorKind.CROSS_K, TensorKind.CROSS_LSE))
         return [key for key in store.tensors if key.kind in kinds and key.step in (step, None)]
 
     def prefetch(self, step: int, device) -> None:
@@ -165,6 +167,19 @@ class SwapRun:
             out = self._plain(prior, q_s, k_s, v, extra)
             return out if region is None else torch.lerp(self._plain(prior, q, k, v, extra), out, region.to(q.dtype))
         return self._plain(prior, q, k, v, extra)
+
+    # ---- joint attention (MM-DiT: one call over [text; image]) ----------------------------------------------------
+    def joint_attention(self, layer, q, k, v, extra, prior):
+        """The cond row of a one-row call goes through `JointSwap` (joint_attention.py); anything else is plain."""
+        chunks = extra.get("cond_or_uncond") or [0]
+        if list(chunks) != [0] or q.shape[0] != 1:
+            return self._plain(prior, q, k, v, extra)
+        if self._joint is None:
+            self._joint = JointSwap(self)
+        plain = functools.partial(self._plain, prior, extra=extra)
+        if self.mode is RunMode.RECORD:
+            return self._joint.record(layer, q, k, v, extra, plain)
+        return self._joint.target(layer, q, k, v, extra, plain)
 
     # ---- cross-attention ----------------------------------------------------------------------------------------
     def cross_attention(self, layer, q, k, v, extra, prior):
@@ -238,6 +253,12 @@ class SwapRun:
                     y[row] = self.source_kwargs["y"][0].to(y.device, y.dtype)
         if y is not None:
             kwargs["y"] = y
+        if recording and kwargs.get("guidance") is not None and "guidance" in self.source_kwargs:
+            guidance = kwargs["guidance"].clone()  # Flux: the source conditioning's distilled guidance
+            for row, c in enumerate(chunks):
+                if c == 0:
+                    guidance[row] = self.source_kwargs["guidance"][0].to(guidance.device, guidance.dtype)
+            kwargs["guidance"] = guidance
         if control is not None and recording:
             control = None
         return ctx, control, kwargs
@@ -277,6 +298,8 @@ def _make_patch(arch, role: str, layer: tuple, prior):
             return prior(q, k, v, extra_options) if prior is not None else arch.attention(q, k, v, extra_options)
         if role == "self":
             return run.self_attention(layer, q, k, v, extra_options, prior)
+        if role == "joint":
+            return run.joint_attention(layer, q, k, v, extra_options, prior)
         return run.cross_attention(layer, q, k, v, extra_options, prior)
 
     patch.photoswap_prior = prior

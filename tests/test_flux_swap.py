@@ -1,0 +1,222 @@
+"""Photoswap on Flux (issue #17): the adapter (photoswap_core/arch/flux.py) and the joint-attention swaps
+(photoswap_core/joint_attention.py) on the tiny Flux of devtools/tiny_flux.py (ComfyUI's own classes, float32, CPU).
+
+The exact invariants of tests/test_swap_invariants.py, for the second architecture.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.unit
+
+SRC, TGT = "a photo of a cat on a sofa", "a photo of a sks dog on a sofa"
+LATENT_HW = (8, 12)  # 64 x 96 px -> 4 x 6 image tokens
+STEPS = 6
+EVERY = (0.5, 0.3, 0.6)  # self-output, self-map, cross-map fractions: every swap fires somewhere
+
+
+@pytest.fixture(scope="module")
+def tf(comfy):
+    from devtools.tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(seed=0)
+
+
+def _encode(tf, text, guidance=3.5):
+    from devtools.tiny_flux import encode_flux
+
+    return encode_flux(tf.clip, text, guidance=guidance)
+
+
+def _pair(tf, same=False):
+    from comfyui_photoswap.photoswap_core.prompts import encode_prompt_pair
+
+    if same:
+        return encode_prompt_pair(tf.clip, SRC, "cat", "cat", target_prompt=SRC)
+    return encode_prompt_pair(tf.clip, SRC, "cat", "sks dog")
+
+
+def _image_latent(seed=0):
+    return torch.randn(1, 16, *LATENT_HW, generator=torch.Generator().manual_seed(seed)) * 0.8
+
+
+def _windows(out=0.8, mp=0.0, cross=0.6, blend=True, **kw):
+    from comfyui_photoswap.photoswap_core.swap_rules import SwapWindows
+
+    return SwapWindows(self_output=out, self_map=mp, cross_map=cross, local_blend=blend, **kw)
+
+
+def _invert(tf, source, negative, steps=STEPS):
+    from comfyui_photoswap.photoswap_core.inversion import InversionSettings, run_inversion
+
+    with torch.inference_mode():
+        return run_inversion(tf.model, _image_latent(), source, negative,
+                             InversionSettings(method="direct", steps=steps, cfg=1.0))
+
+
+@pytest.fixture(scope="module")
+def pair(tf):
+    return _pair(tf)
+
+
+@pytest.fixture(scope="module")
+def inversion(tf, pair):
+    source, _, negative, _ = pair
+    return _invert(tf, source, negative)
+
+
+@pytest.fixture(scope="module")
+def trace(tf, pair, inversion):
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    source, _, negative, _ = pair
+    with torch.inference_mode():
+        return record_source(tf.model, source, negative, inversion=inversion, record_self_maps=True)[0]
+
+
+def _swap(tf, trace, pair, windows, lockstep=False, cfg=1.0):
+    from comfyui_photoswap.photoswap_core.swap_sampler import swap
+
+    _, target, negative, prompts = pair
+    with torch.inference_mode():
+        return swap(tf.model, trace, target, negative, prompts, windows, cfg, lockstep=lockstep)
+
+
+# ---------------------------------------------------------------------------------------------------- the adapter
+
+def test_flux_is_the_adapters_second_architecture(tf):
+    from comfyui_photoswap.photoswap_core.arch import inspect_model
+    from comfyui_photoswap.photoswap_core.arch.flux import FluxDiT
+
+    arch = inspect_model(tf.model)
+    assert isinstance(arch, FluxDiT) and arch.family == "flux" and arch.prediction == "flow"
+    assert (arch.latent.channels, arch.latent.scale, arch.latent.shift) == (16, 0.3611, 0.1159)
+    assert (arch.text.tokenizer, arch.text.width, arch.depth) == ("t5", 32, (2, 3))
+    x = _image_latent()
+    fmt = tf.model.model.latent_format
+    assert torch.equal(arch.to_model_space(x), fmt.process_in(x))
+    assert torch.equal(arch.to_latent(arch.to_model_space(x)), fmt.process_out(fmt.process_in(x)))
+    assert arch.attention_layers(tf.model) == [("double", 0), ("double", 1), ("single", 0), ("single", 1),
+                                               ("single", 2)]
+
+
+def _shifted(tf, shift):
+    """A clone with another Flux shift, as the ModelSamplingFlux node patches it (an object patch)."""
+    import comfy.model_sampling
+
+    class Shifted(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
+        pass
+
+    sampling = Shifted(tf.model.model.model_config)
+    sampling.set_parameters(shift=shift)
+    model = tf.model.clone()
+    model.add_object_patch("model_sampling", sampling)
+    return model
+
+
+def test_schedule_is_comfyuis_flux_sigmas_with_its_shift(tf):
+    import comfy.samplers
+
+    from comfyui_photoswap.photoswap_core.arch import inspect_model
+
+    arch = inspect_model(tf.model)
+    for model in (tf.model, _shifted(tf, 1.9)):
+        expected = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 8)
+        schedule = arch.schedule(model, 8)
+        assert schedule.timesteps == () and torch.equal(schedule.sigmas, expected.float().cpu())
+        assert float(schedule.sigmas[0]) == 1.0 and float(schedule.sigmas[-1]) == 0.0
+    assert not torch.equal(arch.schedule(tf.model, 8).sigmas, arch.schedule(_shifted(tf, 1.9), 8).sigmas)
+
+
+def test_inversion_reconstructs_the_input_latent(tf, pair, inversion):
+    """`direct` on Flux: the flow ODE inverted with Euler, the source row pinned to that trajectory, so the
+    reconstruction is the input latent to float precision (the LATENT round trip through scale/shift)."""
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    arch = inversion.arch
+    x0 = _image_latent()
+    assert torch.equal(inversion.trajectory[-1], arch.to_model_space(x0))
+    assert len(inversion.trajectory) == STEPS + 1 and not torch.equal(inversion.trajectory[0],
+                                                                     inversion.trajectory[-1])
+    source, _, negative, _ = pair
+    with torch.inference_mode():
+        _, out = record_source(tf.model, source, negative, inversion=inversion, fraction=0.0)
+    assert float((out["samples"] - x0).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("windows", [(0.8, 0.0, 0.6), EVERY, (1.0, 0.0, 1.0)])
+@pytest.mark.parametrize("blend", [True, False])
+def test_identical_prompts_give_the_source_reconstruction_bit_for_bit(tf, windows, blend):
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    from .test_swap_invariants import SwapEvents
+
+    same = _pair(tf, same=True)
+    source, _, negative, _ = same
+    inv = _invert(tf, source, negative)
+    with torch.inference_mode():
+        trace = record_source(tf.model, source, negative, inversion=inv, record_self_maps=True)[0]
+    for lockstep in (False, True):
+        with SwapEvents() as events:
+            target, src, _, mode, _ = _swap(tf, trace, same, _windows(*windows, blend), lockstep=lockstep)
+        assert mode == ("lockstep" if lockstep else "target")
+        assert torch.equal(target, src), (windows, blend, lockstep, float((target - src).abs().max()))
+        kinds = {e[1] for e in events}
+        assert kinds == ({"self_output", "self_map", "cross_map"} if windows == EVERY else
+                         {"self_output", "cross_map"}), kinds
+
+
+def test_the_swap_changes_the_target_when_the_prompts_differ(tf, trace, pair):
+    target, source, mask, _, _ = _swap(tf, trace, pair, _windows(*EVERY))
+    assert float((target - source).abs().max()) > 1e-2
+    assert mask is not None and mask.shape[-2:] == LATENT_HW
+
+
+@pytest.mark.parametrize("windows", [(0.8, 0.0, 0.6), EVERY, (0.0, 0.0, 0.0), (0.2, 0.5, 0.9)])
+def test_recorded_trace_equals_lockstep(tf, trace, pair, windows):
+    a = _swap(tf, trace, pair, _windows(*windows), lockstep=False)
+    b = _swap(tf, trace, pair, _windows(*windows), lockstep=True)
+    assert (a[3], b[3]) == ("target", "lockstep")
+    assert torch.equal(a[0], b[0]), float((a[0] - b[0]).abs().max())
+    if a[2] is not None:
+        assert torch.equal(a[2], b[2])
+
+
+def test_zero_windows_equal_plain_flux_sampling(tf, pair):
+    """All windows 0, no LocalBlend ⇒ ComfyUI's own euler from the same noise with the target prompt (a synthetic
+    source: with a real photo the target row also gets the source's per-step correction, the `direct` rule)."""
+    from devtools.tiny_flux import sample_flux
+
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    source, target_cond, negative, _ = pair
+    latent = {"samples": torch.zeros(1, 16, *LATENT_HW)}
+    with torch.inference_mode():
+        trace = record_source(tf.model, source, negative, latent=latent, seed=5, steps=STEPS, cfg=1.0,
+                              fraction=0.0)[0]
+    target = _swap(tf, trace, pair, _windows(0.0, 0.0, 0.0, False))[0]
+    arch = trace.arch
+    with torch.inference_mode():
+        stock = sample_flux(tf.model, target_cond, latent["samples"], sigmas=trace.schedule.sigmas.clone(),
+                            noise=trace.trajectory[0].clone(), negative=negative)
+    err = float((target - stock).abs().max())
+    assert err <= 1e-5 * max(1.0, float(stock.abs().max())), err
+    assert float((target - arch.to_latent(trace.trajectory[-1])).abs().max()) > 1e-3  # not the source
+
+
+def test_input_model_is_unchanged(tf, trace, pair):
+    from devtools.tiny_flux import sample_flux
+
+    cond = pair[1]
+    options_before = repr(tf.model.model_options)
+
+    def plain():
+        with torch.inference_mode():
+            return sample_flux(tf.model, cond, torch.zeros(1, 16, *LATENT_HW), steps=3, seed=2)
+
+    before = plain()
+    _swap(tf, trace, pair, _windows(*EVERY))
+    _swap(tf, trace, pair, _windows(*EVERY), lockstep=True)
+    assert torch.equal(plain(), before)
+    assert repr(tf.model.model_options) == options_before
