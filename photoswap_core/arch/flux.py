@@ -30,10 +30,13 @@ def default_sites(double: int, single: int) -> dict:
     """The documented defaults per role (docs/flux_notes.md §8): at Flux-dev's depth, self-output in Stable Flow's
     "vital layers" (double 0, 1, 17, 18; single 6, 9, 34, 35, 37 = its 57-layer indices 25, 28, 53, 54, 56),
     self-map in single 20-37 (RF-Solver-Edit's V-injection blocks), cross-map and LocalBlend in every double block.
-    At any other depth every role uses every block (the literature's sets name Flux-dev's blocks)."""
-    every = tuple(("double", i) for i in range(double)) + tuple(("single", i) for i in range(single))
+    At any other depth (the literature's sets name Flux-dev's blocks): self-output and self-map in every single
+    block, cross-map and LocalBlend in every double block (where text and image streams are still separate).
+    Where the output swap fires the image rows are the source's, so the cross-map edit acts outside it."""
+    doubles = tuple(("double", i) for i in range(double))
+    singles = tuple(("single", i) for i in range(single))
     if (double, single) != FLUX_DEV_DEPTH:
-        return {"self_output": every, "self_map": every, "cross_map": every, "blend": every}
+        return {"self_output": singles, "self_map": singles, "cross_map": doubles, "blend": doubles}
     return {"self_output": tuple(("double", i) for i in (0, 1, 17, 18)) + tuple(("single", i) for i in
                                                                                 (6, 9, 34, 35, 37)),
             "self_map": tuple(("single", i) for i in range(20, 38)),
