@@ -242,3 +242,150 @@ def test_input_model_is_unchanged(tf, trace, pair):
     _swap(tf, trace, pair, _windows(*EVERY), lockstep=True)
     assert torch.equal(plain(), before)
     assert repr(tf.model.model_options) == options_before
+
+
+# ------------------------------------------------------------------------- fused forms = explicit joint attention
+
+def _explicit_joint(q, k, v, logits=None):
+    """softmax(q kᵀ/√d) v over the whole joint sequence, per head: [B, H, L, D] → [B, L, H·D] (or given logits)."""
+    d = q.shape[-1]
+    if logits is None:
+        logits = torch.einsum("bhid,bhjd->bhij", q, k) / d ** 0.5
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, -1), v)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def _qkv(seed, l_txt=7, l_img=12, heads=4, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, l_txt + l_img, d, generator=g) * 1.5 for _ in range(3)]
+
+
+def test_fused_self_map_equals_explicit_joint_attention():
+    from comfyui_photoswap.photoswap_core.joint_attention import self_map_rows
+
+    l_txt, img = 7, slice(7, 19)
+    q_t, k_t, v_t = _qkv(0)
+    q_s, k_s, _ = _qkv(1)
+    fused = self_map_rows(q_t[:, :, img], k_t, v_t, q_s[:, :, img], k_s[:, :, img], l_txt)
+    d = q_t.shape[-1]
+    logits = torch.cat([torch.einsum("bhid,bhjd->bhij", q_t[:, :, img], k_t[:, :, :l_txt]),
+                        torch.einsum("bhid,bhjd->bhij", q_s[:, :, img], k_s[:, :, img])], -1) / d ** 0.5
+    explicit = _explicit_joint(q_t[:, :, img], None, v_t, logits)
+    assert float((fused - explicit).abs().max()) <= 1e-5
+    # with the source's own q/k the form is plain joint attention
+    same = self_map_rows(q_t[:, :, img], k_t, v_t, q_t[:, :, img], k_t[:, :, img], l_txt)
+    assert float((same - _explicit_joint(q_t, k_t, v_t)[:, img]).abs().max()) <= 1e-5
+
+
+def test_fused_cross_map_equals_explicit_joint_attention(tf, pair):
+    """Target column j of the image→text block := α_j·source column mapper_j + (1 − α_j)·target column j (whole-row
+    normalised maps, no renormalisation), image→image block unchanged, target values."""
+    from comfyui_photoswap.photoswap_core.joint_attention import _heads_out, row_lse, text_block
+
+    prompts = pair[3]
+    l_txt, l_img = prompts.max_len, 12
+    img = slice(l_txt, l_txt + l_img)
+    q_t, k_t, v_t = _qkv(2, l_txt=l_txt, l_img=l_img)
+    q_s, k_s, _ = _qkv(3, l_txt=l_txt, l_img=l_img)
+    mapper, alphas = prompts.mapper_tensor(), prompts.alphas_tensor()
+    assert alphas.eq(0).any() and not torch.equal(mapper, torch.arange(l_txt))
+    d = q_t.shape[-1]
+    p_t = torch.softmax(torch.einsum("bhid,bhjd->bhij", q_t[:, :, img], k_t) / d ** 0.5, -1)
+    p_s = torch.softmax(torch.einsum("bhid,bhjd->bhij", q_s[:, :, img], k_s) / d ** 0.5, -1)
+    edited = p_t.clone()
+    edited[..., :l_txt] = p_s[..., :l_txt][..., mapper] * alphas + p_t[..., :l_txt] * (1 - alphas)
+    explicit = _heads_out(torch.einsum("bhij,bhjd->bhid", edited, v_t))
+    # ours: plain output + (edited block − target block)·v_text, the blocks from the row log-sum-exp
+    plain = _explicit_joint(q_t, k_t, v_t)[:, img]
+    blk_t = text_block(q_t[:, :, img], k_t[:, :, :l_txt], row_lse(q_t[:, :, img], k_t))
+    blk_s = text_block(q_s[:, :, img], k_s[:, :, :l_txt], row_lse(q_s[:, :, img], k_s))
+    assert float((blk_t - p_t[..., :l_txt]).abs().max()) <= 1e-6
+    swapped = blk_s[..., mapper] * alphas + blk_t * (1 - alphas)
+    ours = plain + _heads_out(torch.matmul(swapped - blk_t, v_t[:, :, :l_txt]))
+    assert float((ours - explicit).abs().max()) <= 1e-5
+
+
+def test_override_sees_the_joint_sequence_text_first(tf, pair):
+    """The installed override reaches every block once per call with the token counts of the wrapper, and with no
+    Photoswap run it is plain attention, bit for bit."""
+    from devtools.tiny_flux import sample_flux
+
+    from comfyui_photoswap.photoswap_core.arch import inspect_model
+    from comfyui_photoswap.photoswap_core.arch.flux import LENGTHS_KEY
+
+    arch = inspect_model(tf.model)
+    seen = []
+
+    def make_patch(role, layer, prior):
+        def patch(q, k, v, extra):
+            seen.append((role, layer, extra[LENGTHS_KEY], q.shape[2]))
+            return arch.attention(q, k, v, extra)
+        return patch
+
+    patched = tf.model.clone()
+    arch.install_attention_patches(patched, make_patch)
+    cond = pair[1]
+    with torch.inference_mode():
+        a = sample_flux(patched, cond, torch.zeros(1, 16, *LATENT_HW), steps=2, seed=1)
+        b = sample_flux(tf.model, cond, torch.zeros(1, 16, *LATENT_HW), steps=2, seed=1)
+    assert torch.equal(a, b)
+    l_txt = cond[0][0].shape[1]
+    assert seen[:5] == [("joint", layer, (l_txt, 4, 6), l_txt + 24) for layer in arch.attention_layers(tf.model)]
+    assert len(seen) == 10
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+def _sd_encode(ms, text):
+    return ms.clip.encode_from_tokens_scheduled(ms.clip.tokenize(text))  # core CLIPTextEncode's arithmetic
+
+
+def _sd_trace(ms, steps=4):
+    from comfyui_photoswap.photoswap_core.arch.ddim import ddim_schedule
+    from comfyui_photoswap.photoswap_core.inversion import InversionSettings, invert
+    from comfyui_photoswap.photoswap_core.recorder import record_trace
+
+    src, neg = (_sd_encode(ms, t) for t in ("a photo of a cat", ""))
+    schedule = ddim_schedule(ms.model.get_model_object("model_sampling"), steps)
+    x0 = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        inv = invert(ms.model, schedule, x0, src[0], neg[0], InversionSettings(method="direct", steps=steps))
+        return record_trace(ms.model, src, neg, schedule, 7.5, trajectory_vp=inv.trajectory,
+                            null_embeddings=inv.null_embeddings, method="direct")
+
+
+def test_a_flux_trace_with_an_sd_sampler_and_the_reverse_are_refused(tf, trace, pair, tiny_sd15):
+    from comfyui_photoswap.photoswap_core.errors import PhotoswapInputError
+    from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
+    from comfyui_photoswap.photoswap_core.swap_sampler import swap
+
+    ms = tiny_sd15
+    sd_cond, sd_neg = (_sd_encode(ms, t) for t in ("a photo of a sks dog", ""))
+    sd_prompts = build_prompt_pair(ms.clip, "a photo of a cat", "cat", "sks dog")
+    with pytest.raises(PhotoswapInputError, match=r"input 'trace'.*Flux.*sd1") as err:
+        swap(ms.model, trace, sd_cond, sd_neg, sd_prompts, _windows(), 7.5)
+    assert "same MODEL" in err.value.fix
+    with pytest.raises(PhotoswapInputError, match=r"input 'trace'.*sd1.*Flux"):
+        swap(tf.model, _sd_trace(ms), pair[1], pair[2], pair[3], _windows(), 1.0)
+
+
+def test_guidance_the_method_cannot_honour_is_refused(tf, trace, pair):
+    from comfyui_photoswap.photoswap_core.errors import PhotoswapInputError
+    from comfyui_photoswap.photoswap_core.inversion import InversionSettings, run_inversion
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    source, _, negative, _ = pair
+    for method in ("null_text", "negative_prompt", "ddim"):
+        with pytest.raises(PhotoswapInputError, match=r"input 'method'.*'direct' inversion on Flux") as err:
+            run_inversion(tf.model, _image_latent(), source, negative, InversionSettings(method=method, steps=4))
+        assert "direct" in err.value.fix
+    with pytest.raises(PhotoswapInputError, match=r"input 'cfg'.*cfg 1 on Flux \(got 7.5\)") as err:
+        run_inversion(tf.model, _image_latent(), source, negative, InversionSettings(method="direct", cfg=7.5))
+    assert "FluxGuidance" in err.value.fix
+    with pytest.raises(PhotoswapInputError, match=r"input 'cfg'.*cfg 1 on Flux"):
+        _swap(tf, trace, pair, _windows(), cfg=3.5)
+    with pytest.raises(PhotoswapInputError, match=r"input 'cfg'.*cfg 1 on Flux"):
+        record_source(tf.model, source, negative, latent={"samples": torch.zeros(1, 16, *LATENT_HW)}, cfg=2.0)
+    with pytest.raises(PhotoswapInputError, match=r"input 'latent'.*Flux LATENT \[1, 16"):
+        run_inversion(tf.model, torch.zeros(1, 4, 8, 8), source, negative,
+                      InversionSettings(method="direct", cfg=1.0))
