@@ -238,6 +238,13 @@ class SwapRun:
         prompt on cond rows and no ControlNet residuals (ControlNet belongs to the target conditioning)."""
         chunks = transformer_options.get("cond_or_uncond") or [0]
         recording = self.mode is RunMode.RECORD
+        source_ctx = self.source_kwargs.get("c_crossattn")
+        if recording and list(chunks) == [0] and source_ctx is not None and \
+                source_ctx.shape[1] != c_crossattn.shape[1]:
+            # a one-row call whose target context is longer (Flux + Redux image tokens): the source prompt's own
+            # context, without the target's attention mask (Redux's attn_bias belongs to the target)
+            kwargs.pop("attention_mask", None)
+            c_crossattn = source_ctx.to(c_crossattn.device, c_crossattn.dtype).expand(c_crossattn.shape[0], -1, -1)
         ctx = c_crossattn.clone()
         y = kwargs.get("y")
         y = y.clone() if y is not None else None

@@ -181,4 +181,6 @@ class JointSwap:
         lse_s = store.get(TraceKey.cross_lse(i, layer), device).unsqueeze(0)
         source = text_block(q_s, k_s, lse_s)
         alphas = run._alphas.to(maps.dtype)
-        return source[..., run._mapper] * alphas + maps * (1 - alphas)
+        n = alphas.shape[0]  # the prompt's columns; tokens after them (Redux image tokens) keep the target's own
+        edited = source[..., run._mapper] * alphas + maps[..., :n] * (1 - alphas)
+        return edited if maps.shape[-1] == n else torch.cat([edited, maps[..., n:]], dim=-1)

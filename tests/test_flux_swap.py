@@ -389,3 +389,58 @@ def test_guidance_the_method_cannot_honour_is_refused(tf, trace, pair):
     with pytest.raises(PhotoswapInputError, match=r"input 'latent'.*Flux LATENT \[1, 16"):
         run_inversion(tf.model, torch.zeros(1, 4, 8, 8), source, negative,
                       InversionSettings(method="direct", cfg=1.0))
+
+
+# ------------------------------------------------------------------------------------- Redux tokens, cancel
+
+def _with_image_tokens(cond, n=9, seed=4):
+    """The target conditioning as core Apply Style Model ("multiply" mode) builds it: image tokens appended after
+    the T5 tokens (random stand-ins for Redux's [1, 729·k, 4096] output, at the tiny width)."""
+    tokens = torch.randn(1, n, cond[0][0].shape[-1], generator=torch.Generator().manual_seed(seed))
+    return [[torch.cat([cond[0][0], tokens], dim=1), dict(cond[0][1])]]
+
+
+def test_redux_tokens_on_the_target_only(tf, trace, pair):
+    """Zero-shot concept: the target's context is longer (image tokens after the prompt); the source row keeps its
+    own prompt, the cross-map edit covers the prompt's columns and the image tokens keep the target's own."""
+    from comfyui_photoswap.photoswap_core.swap_sampler import swap
+
+    _, target, negative, prompts = pair
+    redux = _with_image_tokens(target)
+    with torch.inference_mode():
+        a = swap(tf.model, trace, redux, negative, prompts, _windows(*EVERY), 1.0)
+        b = swap(tf.model, trace, redux, negative, prompts, _windows(*EVERY), 1.0, lockstep=True)
+        plain = swap(tf.model, trace, target, negative, prompts, _windows(*EVERY), 1.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], plain[1])
+    assert float((a[0] - plain[0]).abs().max()) > 1e-4
+
+
+def test_input_model_is_unchanged_after_a_cancel(tf, trace, pair):
+    import comfy.model_management as mm
+    from devtools.tiny_flux import sample_flux
+
+    from comfyui_photoswap.photoswap_core.swap_sampler import swap
+
+    cond = pair[1]
+
+    def plain():
+        with torch.inference_mode():
+            return sample_flux(tf.model, cond, torch.zeros(1, 16, *LATENT_HW), steps=3, seed=2)
+
+    before, options_before = plain(), repr(tf.model.model_options)
+    steps = []
+
+    def cancel(*_args):
+        steps.append(1)
+        if len(steps) == 2:
+            mm.interrupt_current_processing(True)
+
+    for lockstep in (False, True):
+        steps.clear()
+        with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
+            swap(tf.model, trace, pair[1], pair[2], pair[3], _windows(*EVERY), 1.0, lockstep=lockstep,
+                 callback=cancel)
+        mm.interrupt_current_processing(False)
+        assert len(steps) == 2
+    assert torch.equal(plain(), before)
+    assert repr(tf.model.model_options) == options_before
