@@ -88,10 +88,7 @@ class JointSwap:
         self._sites = run.arch.sites(run.windows)
 
     def _where(self, extra):
-        from .arch.flux import LENGTHS_KEY
-
-        l_txt, gh, gw = extra[LENGTHS_KEY]
-        return l_txt, slice(l_txt, l_txt + gh * gw), (gh, gw)
+        return self.run.arch.joint_layout(extra)
 
     def _active(self, layer):
         run = self.run

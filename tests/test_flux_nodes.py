@@ -54,6 +54,10 @@ def test_flux_graph_through_the_nodes(pack, tf):
     assert swapped["samples"].shape == source["samples"].shape
     assert float((swapped["samples"] - source["samples"]).abs().max()) > 1e-3
     assert mask.shape == (1, 64, 96) and pair_masks.shape == (1, 64, 96)
+    preview = _node(pack, "preview_nodes", "PhotoswapAttentionPreview")
+    (images,) = run_node(preview, model=tf.model, trace=trace, prompts=prompts, target_positive=tgt)[:1]
+    assert images.shape == (4, 64, 96, 3) and torch.isfinite(images).all()
+    assert float(images[0].max()) == 1.0 and float(images[0].min()) == 0.0  # a map with structure, normalised
 
 
 def test_flux_node_defaults_that_cannot_apply_name_the_fix(pack, tf):

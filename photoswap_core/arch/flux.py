@@ -213,6 +213,11 @@ class FluxDiT(Architecture):
     def attention(self, q, k, v, extra) -> torch.Tensor:
         return extra["plain"](q, k, v)
 
+    def joint_layout(self, extra) -> tuple:
+        """(text tokens, slice of the image tokens, token grid (h, w)) of a joint-attention call: text first."""
+        l_txt, gh, gw = extra[LENGTHS_KEY]
+        return l_txt, slice(l_txt, l_txt + gh * gw), (gh, gw)
+
     def layer_level(self, extra) -> int:
         return 0  # one token resolution
 
