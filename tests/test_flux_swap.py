@@ -444,3 +444,33 @@ def test_input_model_is_unchanged_after_a_cancel(tf, trace, pair):
         assert len(steps) == 2
     assert torch.equal(plain(), before)
     assert repr(tf.model.model_options) == options_before
+
+
+# ------------------------------------------------------------------------------------------------- Flux LoRAs
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_flux_lora_formats_patch_a_clone_and_an_sd_lora_is_refused(tf, tmp_path, fmt):
+    """The Concept Loader's LoRA stage on a Flux MODEL: kohya / diffusers keys map through ComfyUI's own key maps
+    onto a clone (the input MODEL keeps no patches); a LoRA of another family is refused on 'lora_name'."""
+    import safetensors.torch
+
+    from devtools.tiny_flux import flux_lora_state_dict
+
+    from comfyui_photoswap.photoswap_core.concept.lora import apply_lora
+    from comfyui_photoswap.photoswap_core.errors import PhotoswapInputError
+
+    path = tmp_path / f"flux_{fmt}.safetensors"
+    safetensors.torch.save_file(flux_lora_state_dict(tf.model, fmt), str(path))
+    patches_before = len(tf.model.patches)
+    model, _clip, check = apply_lora(tf.model, tf.clip, str(path), path.name, 1.0, 1.0)
+    assert check.unet_applied == 2 and not check.unmatched_unet and not check.mismatched
+    assert len(model.patches) == 2 and len(tf.model.patches) == patches_before
+    sd_lora = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+               torch.zeros(4, 768),
+               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
+               torch.zeros(320, 4)}
+    bad = tmp_path / "sd15.safetensors"
+    safetensors.torch.save_file(sd_lora, str(bad))
+    with pytest.raises(PhotoswapInputError, match=r"input 'lora_name'.*Flux") as err:
+        apply_lora(tf.model, tf.clip, str(bad), bad.name, 1.0, 1.0)
+    assert "SD1.x" in str(err.value)
