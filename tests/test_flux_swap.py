@@ -474,3 +474,22 @@ def test_flux_lora_formats_patch_a_clone_and_an_sd_lora_is_refused(tf, tmp_path,
     with pytest.raises(PhotoswapInputError, match=r"input 'lora_name'.*Flux") as err:
         apply_lora(tf.model, tf.clip, str(bad), bad.name, 1.0, 1.0)
     assert "SD1.x" in str(err.value)
+
+
+def test_flux_inversion_file_round_trip(tf, pair, inversion, tmp_path):
+    """Save / Load Inversion on Flux: the loaded inversion has the Flux adapter and reproduces the same source."""
+    from comfyui_photoswap.photoswap_core.inversion_io import check_model, load_inversion, save_inversion
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    path = save_inversion(inversion, tmp_path / "flux_inversion.safetensors")
+    loaded, _meta = load_inversion(path)
+    assert loaded.arch == inversion.arch and loaded.arch.latent.shift == 0.1159
+    assert loaded.schedule.timesteps == () and torch.equal(loaded.schedule.sigmas, inversion.schedule.sigmas)
+    check_model(loaded, tf.model)
+    source, _, negative, _ = pair
+    with torch.inference_mode():
+        a = record_source(tf.model, source, negative, inversion=inversion, fraction=0.0)[1]["samples"]
+        b = record_source(tf.model, loaded.source_conditioning, negative, inversion=loaded, fraction=0.0)[1]
+    assert torch.equal(a, b["samples"])
+    options, saved = inversion.source_conditioning[0][1], loaded.source_conditioning[0][1]
+    assert set(saved) == set(options) and torch.equal(saved["pooled_output"], options["pooled_output"])
