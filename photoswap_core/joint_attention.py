@@ -101,18 +101,24 @@ class JointSwap:
 
     # ---- the source row ---------------------------------------------------------------------------------------
     def record(self, layer, q, k, v, extra, plain):
-        """Plain attention; store what the target's windows read (all blocks: a trace serves any site sets) and
-        the LocalBlend maps at the blend sites."""
+        """Plain attention; store what the target's windows read and the LocalBlend maps at the blend sites. A
+        recorded trace keeps every block (it serves any site sets); the lockstep record call (the target's run,
+        which has a source store) only its roles' sites."""
         run, recorder = self.run, self.run.recorder
         i, n, w = run.step, run.steps, run.windows
         l_txt, img, grid = self._where(extra)
         out = plain(q, k, v)
-        if swap_rules.output_swap_active(i, n, w):
+        lockstep = run.source_store is not None
+
+        def wanted(role):
+            return not lockstep or layer in self._sites[role]
+
+        if swap_rules.output_swap_active(i, n, w) and wanted("self_output"):
             recorder.put(TraceKey.self_out(i, layer, 0), out[:, img])
-        if recorder.record_self_maps and swap_rules.map_swap_active(i, n, w):
+        if recorder.record_self_maps and swap_rules.map_swap_active(i, n, w) and wanted("self_map"):
             recorder.put(TraceKey.self_q(i, layer), q[0, :, img])
             recorder.put(TraceKey.self_k(i, layer), k[0, :, img])
-        cross = swap_rules.cross_swap_active(i, n, w) and recorder.store is not None
+        cross = swap_rules.cross_swap_active(i, n, w) and recorder.store is not None and wanted("cross_map")
         blend = layer in self._sites["blend"]
         if cross or blend:
             mask = extra.get("mask")
