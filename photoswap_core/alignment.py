@@ -122,12 +122,61 @@ class PromptTokenizer:
         """Readable token strings (for messages)."""
         return ["<embedding>" if i < 0 else str(self.hf.convert_ids_to_tokens(int(i))) for i in ids]
 
+    def boundary_before(self, ids: Sequence[int], p: int) -> bool:
+        """A word starts at position p (CLIP BPE: the previous token ends a word)."""
+        return p == 0 or self.ends_word(ids[p - 1])
+
+
+class T5PromptTokenizer(PromptTokenizer):
+    """Flux's T5 (SentencePiece) pieces as ComfyUI feeds them: no start token, `</s>` appended (padding to the
+    encoder's min length is not part of `encode`); a word starts at a piece beginning with "▁" (T5 may split a word
+    into "▁" plus pieces: "sks" → ▁ s k s). `from_clip` reads ComfyUI's own `t5xxl` tokenization (weights stripped)."""
+
+    KEY = "t5xxl"
+    WORD_START = "\u2581"
+
+    def __init__(self, hf_tokenizer, comfy_tokenize=None):
+        super().__init__(hf_tokenizer, comfy_tokenize)
+        self.bos_id = None
+        self._starts: dict[int, bool] = {}
+
+    @classmethod
+    def from_clip(cls, clip) -> "T5PromptTokenizer":
+        sd_tokenizer = getattr(getattr(clip, "tokenizer", clip), cls.KEY)
+        return cls(sd_tokenizer.tokenizer, lambda text: content_tokens(clip, text, cls.KEY))
+
+    def encode(self, text: str) -> list[int]:
+        return self.content_ids(text) + [self.eos_id]
+
+    def content_ids(self, text: str) -> list[int]:
+        if self._comfy_tokenize is None:
+            return [i for i in self.hf.encode(text) if i not in self._special]
+        return super().content_ids(text)
+
+    def starts_word(self, token_id: int) -> bool:
+        if token_id < 0 or token_id in self._special:
+            return True
+        cached = self._starts.get(token_id)
+        if cached is None:
+            piece = self.hf.convert_ids_to_tokens(int(token_id))
+            cached = piece is None or piece.startswith(self.WORD_START)
+            self._starts[token_id] = cached
+        return cached
+
+    def boundary_before(self, ids: Sequence[int], p: int) -> bool:
+        return p == 0 or self.starts_word(ids[p]) or ids[p - 1] < 0 or ids[p - 1] in self._special
+
+
+def has_t5(clip) -> bool:
+    """The CLIP holds ComfyUI's T5 tokenizer (Flux's DualCLIPLoader)."""
+    return getattr(getattr(clip, "tokenizer", None), T5PromptTokenizer.KEY, None) is not None
+
 
 def as_prompt_tokenizer(tokenizer) -> PromptTokenizer:
     if isinstance(tokenizer, PromptTokenizer):
         return tokenizer
     if hasattr(tokenizer, "tokenize") and hasattr(tokenizer, "encode_from_tokens_scheduled"):  # a ComfyUI CLIP
-        return PromptTokenizer.from_clip(tokenizer)
+        return T5PromptTokenizer.from_clip(tokenizer) if has_t5(tokenizer) else PromptTokenizer.from_clip(tokenizer)
     return PromptTokenizer(tokenizer)
 
 
@@ -225,7 +274,7 @@ def occurrences(ids: Sequence[int], word_ids: Sequence[int], tok: PromptTokenize
     for p in range(0, len(ids) - k + 1):
         if list(ids[p:p + k]) != list(word_ids):
             continue
-        if p == 0 or tok.ends_word(ids[p - 1]):
+        if tok.boundary_before(ids, p):
             starts.append(p)
     return starts
 

@@ -24,6 +24,7 @@ import torch
 
 from . import frames, swap_rules
 from .blend import SwapMasks
+from .joint_attention import JointSwap
 from .trace import TensorKind, TraceKey
 
 PATCH_KEY = "photoswap"
@@ -85,6 +86,7 @@ class SwapRun:
         self.recorder = recorder  # record mode (and lockstep): a TraceRecorder
         self.source_blend_grid = source_blend_grid  # (h_b, w_b) of the source maps (a trace's; lockstep: recorder's)
         self.step = 0
+        self._joint = None  # JointSwap, made at the first joint-attention call (MM-DiT families)
         # made on the compute device once, here: built or copied inside the patch, each would be a blocking
         # host-to-device copy (a host-device synchronisation) at every layer call on a GPU
         self.masks = None
@@ -143,7 +145,7 @@ class SwapRun:
         elif swap_rules.map_swap_active(step, n, w):
             kinds.update((TensorKind.SELF_Q, TensorKind.SELF_K))
         if swap_rules.cross_swap_active(step, n, w):
-            kinds.update((TensorKind.CROSS_Q, TensorKind.CROSS_K))
+            kinds.update((TensorKind.CROSS_Q, TensorKind.CROSS_K, TensorKind.CROSS_LSE))
         return [key for key in store.tensors if key.kind in kinds and key.step in (step, None)]
 
     def prefetch(self, step: int, device) -> None:
@@ -202,6 +204,19 @@ class SwapRun:
             for j, (r, _) in enumerate(rows):
                 out[r] = part[j]
         return torch.stack(out)
+
+    # ---- joint attention (MM-DiT: one call over [text; image]) ----------------------------------------------------
+    def joint_attention(self, layer, q, k, v, extra, prior):
+        """The cond row of a one-row call goes through `JointSwap` (joint_attention.py); anything else is plain."""
+        chunks = extra.get("cond_or_uncond") or [0]
+        if list(chunks) != [0] or q.shape[0] != 1:
+            return self._plain(prior, q, k, v, extra)
+        if self._joint is None:
+            self._joint = JointSwap(self)
+        plain = functools.partial(self._plain, prior, extra=extra)
+        if self.mode is RunMode.RECORD:
+            return self._joint.record(layer, q, k, v, extra, plain)
+        return self._joint.target(layer, q, k, v, extra, plain)
 
     # ---- cross-attention ----------------------------------------------------------------------------------------
     def cross_attention(self, layer, q, k, v, extra, prior):
@@ -262,6 +277,13 @@ class SwapRun:
         prompt on cond rows and no ControlNet residuals (ControlNet belongs to the target conditioning)."""
         chunks = transformer_options.get("cond_or_uncond") or [0]
         recording = self.mode is RunMode.RECORD
+        source_ctx = self.source_kwargs.get("c_crossattn")
+        if recording and list(chunks) == [0] and source_ctx is not None and \
+                source_ctx.shape[1] != c_crossattn.shape[1]:
+            # a one-row call whose target context is longer (Flux + Redux image tokens): the source prompt's own
+            # context, without the target's attention mask (Redux's attn_bias belongs to the target)
+            kwargs.pop("attention_mask", None)
+            c_crossattn = source_ctx.to(c_crossattn.device, c_crossattn.dtype).expand(c_crossattn.shape[0], -1, -1)
         ctx = c_crossattn.clone()
         y = kwargs.get("y")
         y = y.clone() if y is not None else None
@@ -279,6 +301,12 @@ class SwapRun:
                     y[row] = self.source_kwargs["y"][0].to(y.device, y.dtype)
         if y is not None:
             kwargs["y"] = y
+        if recording and kwargs.get("guidance") is not None and "guidance" in self.source_kwargs:
+            guidance = kwargs["guidance"].clone()  # Flux: the source conditioning's distilled guidance
+            for row, c in enumerate(chunks):
+                if c == 0:
+                    guidance[row] = self.source_kwargs["guidance"][0].to(guidance.device, guidance.dtype)
+            kwargs["guidance"] = guidance
         if control is not None and recording:
             control = None
         return ctx, control, kwargs
@@ -318,6 +346,8 @@ def _make_patch(arch, role: str, layer: tuple, prior):
             return prior(q, k, v, extra_options) if prior is not None else arch.attention(q, k, v, extra_options)
         if role == "self":
             return run.self_attention(layer, q, k, v, extra_options, prior)
+        if role == "joint":
+            return run.joint_attention(layer, q, k, v, extra_options, prior)
         return run.cross_attention(layer, q, k, v, extra_options, prior)
 
     patch.photoswap_prior = prior

@@ -30,12 +30,14 @@ class DirectEvaluator:
         """The model's conditioning kwargs for one CONDITIONING entry ({'c_crossattn': …, 'y': … (SDXL)})."""
         return self.arch.model_kwargs(self.patcher, conditioning_entry, self.latent_shape, self.device)
 
-    def eps(self, x: torch.Tensor, sigma: float, c_crossattn: torch.Tensor, y: torch.Tensor | None = None):
-        """The prediction at noise level σ for model-space latents x [B, C, h, w]."""
+    def eps(self, x: torch.Tensor, sigma: float, c_crossattn: torch.Tensor, y: torch.Tensor | None = None,
+            **extra):
+        """The prediction at noise level σ for model-space latents x [B, C, h, w] (the velocity for flow models);
+        `extra`: the family's other conditioning kwargs (Flux: guidance)."""
         batch = x.shape[0]
         x_in = self.arch.to_sampler(x, sigma)
         sigmas = torch.full((batch,), sigma, device=x.device, dtype=torch.float32)
-        kwargs = {}
+        kwargs = dict(extra)
         if y is not None:
             kwargs["y"] = y.expand(batch, -1) if y.shape[0] == 1 else y
         context = c_crossattn.expand(batch, -1, -1) if c_crossattn.shape[0] == 1 else c_crossattn

@@ -314,6 +314,7 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
     inversion, `frames_per_batch` at a time) into an InversionResult."""
     arch = inspect_model(model)
     arch.check_latent(latent_samples, "latent")
+    arch.check_guidance(settings.method, settings.cfg)
     validate_settings(settings)
     src_entry = arch.prompt_entry(model, source_positive, "source_positive")
     neg_entry = arch.prompt_entry(model, negative, "negative")

@@ -258,11 +258,11 @@ def from_file_parts(tensors: dict, meta: dict, path="<memory>"):
         inner = [int(k) for k in meta.get("inner_iterations", [])]
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(path, f"missing or malformed entry {exc}") from exc
-    n = len(timesteps)
+    n = len(timesteps) if timesteps else int(sigmas.shape[0]) - 1  # continuous-time schedules (Flux) have none
     problems = []
     if settings.method not in METHODS:
         problems.append(f"unknown method {settings.method!r}")
-    if n < 2 or settings.steps != n or int(meta.get("steps", -1)) != n:
+    if n < (2 if timesteps else 1) or settings.steps != n or int(meta.get("steps", -1)) != n:
         problems.append(f"step count {meta.get('steps')} vs {n} timesteps")
     if tuple(sigmas.shape) != (n + 1,):
         problems.append(f"sigmas of shape {tuple(sigmas.shape)} for {n} steps")

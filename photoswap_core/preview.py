@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .attention_patch import explicit_cross_maps
 from .evaluator import DirectEvaluator
+from .joint_attention import row_lse, text_block
 from .swap_sampler import check_trace
 
 
@@ -27,7 +28,22 @@ class _Capture:
         self.cross = []  # per blend-layer call: ([per pair: subject-column map], grid)
         self.self_maps = []
 
+    def joint(self, layer, q, k, v, extra):
+        """Joint attention (MM-DiT): the cond row's image→text columns and image→image map at the blend sites."""
+        if layer in self.arch.sites(None)["blend"]:
+            l_txt, img, grid = self.arch.joint_layout(extra)
+            q_img, k_row = q[-1:, :, img], k[-1:]
+            lse = row_lse(q_img, k_row)
+            maps = text_block(q_img, k_row[:, :, :l_txt], lse)
+            self.cross.append(([maps[..., c].sum(-1).mean(1)[0] for c in self.column_sets], grid))
+            self_map = text_block(q_img, k_row[:, :, img], lse)  # the image→image block, same normalisation
+            self.self_maps.append((self_map.mean(1)[0], grid))
+        return self.arch.attention(q, k, v, extra)
+
     def patch(self, role, layer, prior):
+        if role == "joint":
+            return functools.partial(self.joint, layer)
+
         def fn(q, k, v, extra):
             heads = extra["n_heads"]
             if self.arch.blend_layer(self.arch.layer_level(extra), extra):
@@ -45,11 +61,16 @@ def _maps_at(model, arch, trace, step, conditioning, column_sets):
     capture = _Capture(arch, column_sets)
     patched = model.clone()
     arch.install_attention_patches(patched, capture.patch)
-    evaluator = DirectEvaluator(patched, trace.latent_shape, arch=arch)
+    import comfy.patcher_extension
+
+    # the clone's wrappers too (ComfyUI's sampler adds them; a direct call must): Flux's token counter is one
+    options = dict(patched.model_options.get("transformer_options", {}))
+    options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
+    evaluator = DirectEvaluator(patched, trace.latent_shape, transformer_options=options, arch=arch)
     kwargs = evaluator.model_kwargs(conditioning[0])
     x = trace.trajectory[step].to(evaluator.device)
     with torch.no_grad():
-        evaluator.eps(x, float(trace.schedule.sigmas[step]), kwargs["c_crossattn"], kwargs.get("y"))
+        evaluator.eps(x, float(trace.schedule.sigmas[step]), **kwargs)
     return capture
 
 

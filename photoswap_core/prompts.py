@@ -9,17 +9,19 @@ Token rules (alignment, whole-word occurrences, identifier vs class word) are in
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .alignment import (MAX_TOKENS, PromptTokenizer, align_prompts, as_prompt_tokenizer, make_target_prompt,
-                        occurrences, too_long_error, word_pattern, words_of)
+from .alignment import (MAX_TOKENS, PromptTokenizer, T5PromptTokenizer, align_prompts, as_prompt_tokenizer,
+                        make_target_prompt, occurrences, too_long_error, word_pattern, words_of)
 from .clip_tokens import EMBEDDING_PREFIX, split_identifier
 from .concept.result import concepts_of
 from .errors import PhotoswapInputError
 
 LIST_SEPARATOR = ";"  # between the pairs in subject_word / concept_words / region_words
+T5_MAX_TOKENS = 4096  # T5 is never truncated; the pair is cut to the encoded length (`_t5_padded`)
+T5_MIN_LENGTH = 256  # ComfyUI pads T5 prompts to this many tokens
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,16 @@ def _concept_words(concept, concept_words: str):
     return words, classes[0] if len(classes) == 1 else classes
 
 
+def _t5_padded(clip, pair: PromptPair):
+    """T5 contexts of both prompts with one length L (a clone of the CLIP pads both to L, so the source and target
+    rows line up token for token and the mapper covers every column; pads map onto pads), and the pair cut to L."""
+    base = getattr(getattr(clip.tokenizer, T5PromptTokenizer.KEY, None), "min_length", None) or T5_MIN_LENGTH
+    length = max(int(base), len(pair.source_ids), len(pair.target_ids))
+    clip = clip.clone()
+    clip.set_tokenizer_option(f"{T5PromptTokenizer.KEY}_min_length", length)
+    return clip, replace(pair, mapper=pair.mapper[:length], alphas=pair.alphas[:length], max_len=length)
+
+
 def encode_prompt_pair(clip, source_prompt, subject_word, concept_words, target_prompt="", negative_prompt="",
                        concept=None, region_words=""):
     """(source CONDITIONING, target CONDITIONING, negative CONDITIONING, PromptPair)."""
@@ -353,8 +365,13 @@ def encode_prompt_pair(clip, source_prompt, subject_word, concept_words, target_
         raise PhotoswapInputError("clip", "a CLIP model", "connect the CLIP output of a checkpoint loader or of "
                                   "the Photoswap Concept Loader (a checkpoint without a text encoder has none)")
     words, class_word = _concept_words(concept, concept_words)
-    pair = build_prompt_pair(PromptTokenizer.from_clip(clip), source_prompt, subject_word, words,
-                             target_prompt=target_prompt or None, class_word=class_word, region_words=region_words)
+    tok = as_prompt_tokenizer(clip)
+    t5 = isinstance(tok, T5PromptTokenizer)
+    pair = build_prompt_pair(tok, source_prompt, subject_word, words, target_prompt=target_prompt or None,
+                             class_word=class_word, region_words=region_words,
+                             max_len=T5_MAX_TOKENS if t5 else MAX_TOKENS)
+    if t5:
+        clip, pair = _t5_padded(clip, pair)
     source = _encode(clip, pair.source_prompt)
     target = _encode(clip, pair.target_prompt)
     negative = _encode(clip, negative_prompt or "")

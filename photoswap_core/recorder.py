@@ -83,6 +83,18 @@ class TraceRecorder:
             self.store.put(TraceKey.self_k(i, layer), k[ci * per:(ci + 1) * per])
         self._check_budget()
 
+    def put(self, key, tensor) -> None:
+        """Store one source tensor (nothing once the trace was dropped or not kept)."""
+        if self.store is not None:
+            self.store.put(key, tensor)
+            self._check_budget()
+
+    def add_blend_map(self, i, layer_map, grid) -> None:
+        """Add one blend layer's source map [tokens_b, T] (mean over heads) to step i's LocalBlend map."""
+        layer_map = layer_map.float()
+        self.blend_maps[i] = layer_map if self.blend_maps[i] is None else self.blend_maps[i] + layer_map
+        self.blend_grid = grid
+
     def record_cross(self, i, layer, q_cond, k_cond, maps, grid):
         """`q_cond` [F, Nq, C] (the cond rows), `k_cond` [T, C] (the source prompt's, the same for every frame),
         `maps` [F, H, Nq, T] at a blend layer."""
@@ -200,6 +212,7 @@ def record_source(model, source_positive, negative, *, inversion=None, latent=No
                 "connect Photoswap Null-Text DDIM Inversion, or an Empty Latent Image for a synthetic source")
         samples = latent["samples"]
         arch.check_latent(samples, "latent")
+        arch.check_guidance(None, cfg)
         start = comfy.sample.prepare_noise(samples, seed).float()
         trace = record_clip(model, source_positive, negative, arch.schedule(model, steps), cfg,
                             start_latent_vp=start, method="synthetic", **options)

@@ -18,6 +18,16 @@ from .errors import PhotoswapInputError
 
 
 @dataclass(frozen=True)
+class SiteSets:
+    """Which attention sites carry each swap, for families whose sites are chosen by block (Flux: ("double", i) /
+    ("single", i) layer keys); None = the family's documented default for that role. The SD family ignores it."""
+    self_output: tuple | None = None
+    self_map: tuple | None = None
+    cross_map: tuple | None = None
+    blend: tuple | None = None
+
+
+@dataclass(frozen=True)
 class SwapWindows:
     self_output: float = 0.8
     self_map: float = 0.0
@@ -25,6 +35,7 @@ class SwapWindows:
     local_blend: bool = True
     blend_threshold: float = 0.3
     blend_start: float = 0.2
+    sites: SiteSets | None = None
 
     def validate(self, recorded_fraction: float | None = None) -> None:
         for name in ("self_output", "self_map", "cross_map", "blend_threshold", "blend_start"):

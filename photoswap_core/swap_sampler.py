@@ -82,6 +82,10 @@ def choose_mode(trace: SourceTrace, windows, cfg: float, lockstep: bool) -> Swap
     if windows.self_map > 0 and not trace.self_maps_recorded:
         log.warning("Photoswap: the trace holds no self-attention maps (record_self_maps was off); running lockstep")
         return SwapMode.LOCKSTEP
+    if windows.sites is not None and windows.sites.blend is not None:
+        log.info("Photoswap: LocalBlend sites differ from the trace's (its source maps sum the default sites); "
+                 "running lockstep")
+        return SwapMode.LOCKSTEP
     if abs(cfg - trace.cfg) > 1e-9:
         log.warning("Photoswap: cfg %.2f differs from the trace's %.2f; running lockstep", cfg, trace.cfg)
         return SwapMode.LOCKSTEP
@@ -97,6 +101,7 @@ def swap(model, trace: SourceTrace, target_positive, negative, prompts, windows,
     arch.prompt_entry(model, target_positive, "target_positive")
     arch.prompt_entry(model, negative, "negative")
     frames.check_mode(frame_attention, keyframe_interval)
+    arch.check_guidance(None, cfg)
     mode = choose_mode(trace, windows, cfg, lockstep)
     region = region_at_latent(region_mask, trace.latent_shape[-2:], trace.frames)
     parts = frames.plan(model, trace.frames, trace.latent_shape, frames_per_batch, frame_attention,

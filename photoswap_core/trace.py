@@ -24,7 +24,8 @@ class TensorKind(str, Enum):
     SELF_Q = "q"  # a self-attention layer's queries, cond half (self-map swap)
     SELF_K = "k"  # … and keys
     CROSS_Q = "cq"  # a cross-attention layer's queries, cond half (cross-map swap)
-    CROSS_K = "ck"  # … and keys: the source prompt's, the same at every step (stored once)
+    CROSS_K = "ck"  # … and keys: the source prompt's, the same at every step (stored once; joint attention: per step)
+    CROSS_LSE = "cl"  # joint attention: each image query row's log-sum-exp over all keys (cond half)
 
 
 class TraceKey(NamedTuple):
@@ -53,6 +54,15 @@ class TraceKey(NamedTuple):
     @classmethod
     def cross_k(cls, layer):
         return cls(TensorKind.CROSS_K, None, layer)
+
+    @classmethod
+    def joint_text_k(cls, step, layer):
+        """Joint attention: the text keys change with the step (the text stream is updated by every block)."""
+        return cls(TensorKind.CROSS_K, step, layer)
+
+    @classmethod
+    def cross_lse(cls, step, layer):
+        return cls(TensorKind.CROSS_LSE, step, layer)
 
 
 class AttentionStore:

@@ -511,7 +511,7 @@ def _unsupported_model(class_name):
     ("video_latent", "latent", "video-model latent"),
     ("lr0", "learning_rate", "> 0"),
     ("two_entry_conditioning", "source_positive", "one entry"),
-    ("flux", "model", "Flux"),
+    ("flux2", "model", "Flux2"),  # Flux (dev/schnell) is supported since #17: tests/test_flux_swap.py
     ("sd3", "model", "SD3"),
 ])
 def test_bad_inputs_are_refused_clearly(N, tiny_sd15, err_type, case, input_name, fragment):
@@ -542,8 +542,8 @@ def test_bad_inputs_are_refused_clearly(N, tiny_sd15, err_type, case, input_name
         kwargs.update(method="null_text", learning_rate=0.0)
     elif case == "two_entry_conditioning":
         pos = pos + encode(tiny.clip, "a dog")
-    elif case in ("flux", "sd3"):
-        kwargs["model"] = _unsupported_model({"flux": "Flux", "sd3": "SD3"}[case])
+    elif case in ("flux2", "sd3"):
+        kwargs["model"] = _unsupported_model({"flux2": "Flux2", "sd3": "SD3"}[case])
     with pytest.raises(err_type) as info:
         run_node(N, tiny, latent, positive=pos, **kwargs)
     assert info.value.input_name == input_name, str(info.value)

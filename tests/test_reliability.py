@@ -221,7 +221,7 @@ BAD_CASES = [
      lambda c: c.s15.record(latent={"samples": torch.zeros(1, 16, H, W)})),
     ("no_source_connected", "inversion", ["inversion", "latent"],
      lambda c: run_node(c.N["Recorder"], model=c.sd15.model, source_positive=c.s15.src, negative=c.s15.neg)),
-    ("flux_model", "model", ["Flux", "not supported"],
+    ("flux_model_sd_latent", "latent", ["Flux LATENT [1, 16", "Flux VAE"],  # Flux is supported since #17
      lambda c: c.s15.record(model=c.get("Flux"))),
     ("sd3_model", "model", ["SD3", "not supported"],
      lambda c: c.s15.sample(model=c.get("SD3"))),

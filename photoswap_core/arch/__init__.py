@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from ..errors import PhotoswapInputError
 from .base import Architecture, LatentFormat, ModelInfo, Schedule, TextContext, single_conditioning
+from .flux import FluxDiT
 from .sd_unet import SDUNet
 
-ARCHITECTURES = (SDUNet,)
+ARCHITECTURES = (SDUNet, FluxDiT)
 
 __all__ = ["ARCHITECTURES", "Architecture", "LatentFormat", "ModelInfo", "Schedule", "TextContext", "from_info",
            "inspect_model", "single_conditioning"]
@@ -25,9 +26,9 @@ def inspect_model(model) -> Architecture:
     config = getattr(base, "model_config", None)
     name = type(config).__name__ if config is not None else type(base).__name__
     raise PhotoswapInputError(
-        "model", f"an SD1.x, SD2.x or SDXL model (got a {name} model)",
+        "model", f"an SD1.x, SD2.x, SDXL or Flux model (got a {name} model)",
         f"{name} is not supported by Photoswap yet (it needs a UNet with cross-attention and a discrete DDIM "
-        "schedule); load an SD1.x, SD2.x or SDXL checkpoint")
+        "schedule, or Flux's joint attention); load an SD1.x, SD2.x, SDXL or Flux (dev/schnell) model")
 
 
 def from_info(info: ModelInfo) -> Architecture:
@@ -36,4 +37,4 @@ def from_info(info: ModelInfo) -> Architecture:
         if info.family in architecture.families():
             return architecture.from_info(info)
     raise PhotoswapInputError("inversion_file", f"an inversion of a supported model family (got {info.family!r})",
-                              "re-run the inversion with an SD1.x, SD2.x or SDXL model")
+                              "re-run the inversion with an SD1.x, SD2.x, SDXL or Flux model")

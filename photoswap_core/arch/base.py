@@ -125,6 +125,10 @@ class Architecture:
         the model-space latent x_t."""
         raise NotImplementedError
 
+    def check_guidance(self, method: str | None, cfg: float, input_name: str = "cfg") -> None:
+        """Refuse an inversion method (None: not an inversion) or a cfg this family cannot honour; the SD family
+        honours every method and cfg."""
+
     # ---- text --------------------------------------------------------------------------------------------------
     def prompt_entry(self, model, conditioning, input_name: str):
         """The single (tensor, options) entry of a CONDITIONING, checked against this family's text context."""

@@ -187,13 +187,16 @@ def check_lora(model, clip, sd: dict, fmt: str) -> LoraCheck:
         shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
     mismatched, unet_applied, clip_applied = [], 0, 0
     for key, adapter in patches.items():
+        offset = None
         if isinstance(key, tuple):
-            key = key[0]
+            key, offset = key[0], (key[1] if len(key) > 1 else None)
         if key.startswith("diffusion_model."):
             unet_applied += 1
         else:
             clip_applied += 1
         wshape = shapes.get(key)
+        if wshape is not None and offset is not None:  # a slice of a fused weight (diffusers to_q on Flux's qkv)
+            wshape = tuple(offset[2] if d == offset[0] else s for d, s in enumerate(wshape))
         if wshape is None:
             continue
         problem = _shape_problem(adapter, wshape)
