@@ -5,10 +5,9 @@ The exact invariants of tests/test_swap_invariants.py, for the second architectu
 """
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
+from test_swap_invariants import SwapEvents  # the photoswap.swaps DEBUG-log collector
 
 pytestmark = pytest.mark.unit
 
@@ -85,26 +84,6 @@ def _swap(tf, trace, pair, windows, lockstep=False, cfg=1.0):
         return swap(tf.model, trace, target, negative, prompts, windows, cfg, lockstep=lockstep)
 
 
-class SwapEvents(logging.Handler):
-    """(step, kind, layer, half) of every swap that fired, from the "photoswap.swaps" DEBUG records."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.events = []
-
-    def emit(self, record):
-        self.events.append(record.photoswap_swap)
-
-    def __enter__(self):
-        self.logger = logging.getLogger("photoswap.swaps")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.DEBUG)
-        self.logger.addHandler(self)
-        return self.events
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
 
 
 # ---------------------------------------------------------------------------------------------------- the adapter

@@ -100,7 +100,7 @@ def test_localblend_step_matches_official(parity, pack):
     per_row = unit[layers[0]].shape[0] // 2
     src = torch.stack([unit[k][:per_row][..., words["source"]].sum(-1) for k in layers]).mean((0, 1))
     tgt = torch.stack([unit[k][per_row:][..., words["target"]].sum(-1) for k in layers]).mean((0, 1))
-    mask = blend_mask(src.reshape(16, 16), tgt.reshape(16, 16), (64, 64), 0.3)
+    mask = blend_mask(src.reshape(1, 16, 16), tgt.reshape(1, 16, 16), (64, 64), 0.3)  # one frame
     assert torch.equal(mask[0, 0], unit["mask"][1, 0].bool())
     x = unit["x_t"]
     out = apply_blend(x[0:1], x[1:2], mask)

@@ -134,9 +134,20 @@ class Architecture:
         """The single (tensor, options) entry of a CONDITIONING, checked against this family's text context."""
         raise NotImplementedError
 
+    conditioning_keys: tuple = ("c_crossattn", "y")  # which of the model's extra_conds its apply_model gets from us
+
     def model_kwargs(self, model, entry, latent_shape, device) -> dict:
-        """The model's own conditioning kwargs for one CONDITIONING entry (what its `apply_model` takes)."""
-        raise NotImplementedError
+        """The model's own conditioning kwargs for one CONDITIONING entry (what its `apply_model` takes), built by
+        ComfyUI's `extra_conds` of the model as its sampler would: only `conditioning_keys` are kept."""
+        tensor, options = entry
+        params = dict(options)
+        params.update(cross_attn=tensor, device=device, noise=torch.zeros(tuple(latent_shape), device=device))
+        pixels_h, pixels_w = self.latent.pixels(latent_shape[-2:])
+        params.setdefault("width", pixels_w)
+        params.setdefault("height", pixels_h)
+        params.setdefault("prompt_type", "positive")
+        return {key: cond.process_cond(batch_size=1, device=device).cond
+                for key, cond in model.model.extra_conds(**params).items() if key in self.conditioning_keys}
 
     # ---- sampling math -------------------------------------------------------------------------------------------
     def schedule(self, model, steps: int) -> Schedule:

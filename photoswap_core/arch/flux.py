@@ -153,20 +153,8 @@ class FluxDiT(Architecture):
                                       "encode with CLIP Text Encode on the Flux DualCLIPLoader's CLIP")
         return tensor, options
 
-    def model_kwargs(self, model, entry, latent_shape, device) -> dict:
-        """{'c_crossattn', 'y' (CLIP-L pooled), 'guidance'} as ComfyUI's `model_base.Flux.extra_conds` builds them."""
-        tensor, options = entry
-        params = dict(options)
-        params.update(cross_attn=tensor, device=device, noise=torch.zeros(tuple(latent_shape), device=device))
-        pixels_h, pixels_w = self.latent.pixels(latent_shape[-2:])
-        params.setdefault("width", pixels_w)
-        params.setdefault("height", pixels_h)
-        params.setdefault("prompt_type", "positive")
-        out = {}
-        for key, cond in model.model.extra_conds(**params).items():
-            if key in ("c_crossattn", "y", "guidance"):
-                out[key] = cond.process_cond(batch_size=1, device=device).cond
-        return out
+    # {'c_crossattn', 'y' (CLIP-L pooled), 'guidance'}: what ComfyUI's `model_base.Flux.extra_conds` builds
+    conditioning_keys = ("c_crossattn", "y", "guidance")
 
     # ---- sampling math -------------------------------------------------------------------------------------------
     def schedule(self, model, steps: int) -> Schedule:

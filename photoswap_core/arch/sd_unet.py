@@ -138,23 +138,6 @@ class SDUNet(Architecture):
                 f"{CONTEXT_WIDTHS}")
         return tensor, options
 
-    def model_kwargs(self, model, entry, latent_shape, device) -> dict:
-        """ComfyUI's per-model conditioning for one CONDITIONING entry: {'c_crossattn': …, 'y': … (SDXL)}."""
-        tensor, options = entry
-        params = dict(options)
-        params["cross_attn"] = tensor
-        params["device"] = device
-        params["noise"] = torch.zeros(tuple(latent_shape), device=device)
-        pixels_h, pixels_w = self.latent.pixels(latent_shape[-2:])
-        params.setdefault("width", pixels_w)
-        params.setdefault("height", pixels_h)
-        params.setdefault("prompt_type", "positive")
-        out = {}
-        for key, cond in model.model.extra_conds(**params).items():
-            if key in ("c_crossattn", "y"):
-                out[key] = cond.process_cond(batch_size=1, device=device).cond
-        return out
-
     # ---- sampling math -------------------------------------------------------------------------------------------
     def schedule(self, model, steps: int) -> Schedule:
         return ddim.ddim_schedule(model.get_model_object("model_sampling"), steps)
