@@ -126,7 +126,7 @@ def toyworld_ready() -> bool:
     """Are the toy world's trained weights in this checkout (toyworld/weights/SHA256SUMS and the concept folder)?"""
     from toyworld import model_io as M
 
-    return (M.WEIGHTS / "SHA256SUMS").is_file() and (M.WEIGHTS / M.CONCEPT_NAME).is_dir()
+    return M.trained()
 
 
 def toyworld_scene(seed: int = TOYWORLD_SEED):

@@ -42,8 +42,8 @@ def test_demo_on_the_toy_world_scores_a_real_swap():
     runs, the swapped image scored (the swap's quality floors are tests/test_toyworld.py's; here: it ran and scored)."""
     from toyworld import model_io as M
 
-    if not (M.WEIGHTS / "SHA256SUMS").is_file():
-        pytest.skip(f"the toy-world weights are not trained yet (no {M.WEIGHTS}/SHA256SUMS, issue #14)")
+    if not M.trained():
+        pytest.skip(M.NOT_TRAINED)
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "run_demo.py"), "--steps", "10", "--inner-iterations", "2",
            "--timeout", "900"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ))

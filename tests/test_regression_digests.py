@@ -7,8 +7,11 @@ are pinned the same way in tests/test_concept.py (they need the full-size fixtur
 
 On the machine that wrote the file (same torch, CPU capability and thread count) every tensor must be bit-identical:
 a refactor that claims "no behaviour change" must not move a single bit. Outputs may gain fields (a new feature adds
-one); every field the file records must stay as it is. Elsewhere float sums are compared at 1e-5
-relative, because another CPU may round differently. Rewrite the file, after checking why the outputs changed, with
+one); every field the file records must stay as it is. Elsewhere (another CPU rounds differently, and the null-text
+optimisation and the 4-step inversions amplify that: up to 0.4% of a tensor's L1 norm between an AVX512 and a later CI
+CPU) each tensor's sum and L1 norm must stay within LOOSE of its L1 norm, numbers inside text within LOOSE relative,
+and hashes of float data (fingerprints, file digests) are not compared: a sanity pin, the bit-for-bit run is the real
+one. Rewrite the file, after checking why the outputs changed, with
 `PHOTOSWAP_UPDATE_DIGESTS=1 bash scripts/test.sh -k regression_digests`.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import shutil
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -28,6 +32,9 @@ import torch
 DIGESTS = Path(__file__).resolve().parent / "data" / "regression_digests.json"
 UPDATE = os.environ.get("PHOTOSWAP_UPDATE_DIGESTS") == "1"
 STEPS = 4
+LOOSE = 1e-2  # off the recording machine: allowed drift, as a fraction of a tensor's L1 norm (see the docstring)
+HASH = re.compile(r"[0-9a-f]{16,64}")
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 H, W = 6, 8  # latent rows/columns: 48×64 px, non-square
 PROMPTS = {"sd15": ("a photo of a cat on a sofa", "cat", "sks dog"),
            "sd2v": ("a cat", "cat", "sks small dog"),
@@ -78,10 +85,11 @@ def compare(expected, actual, path, exact, problems):
         elif exact and expected["sha"] != actual["sha"]:
             problems.append(f"{path}: bits differ (sum {expected['sum']:.9g} -> {actual['sum']:.9g})")
         elif not exact:
+            scale = max(expected["abs"], 1e-6)
             for key in ("sum", "abs"):
                 a, b = expected[key], actual[key]
-                if abs(a - b) > 1e-5 * max(1.0, abs(a), expected["abs"] / max(1, _numel(expected))):
-                    problems.append(f"{path}.{key}: {a:.9g} -> {b:.9g}")
+                if abs(a - b) > LOOSE * scale:
+                    problems.append(f"{path}.{key}: {a:.9g} -> {b:.9g} (L1 norm {scale:.6g})")
         return
     if isinstance(expected, dict) and isinstance(actual, dict):
         if set(expected) - set(actual):  # outputs may gain fields (a new feature); none may lose or change one
@@ -92,17 +100,21 @@ def compare(expected, actual, path, exact, problems):
         for i, (e, a) in enumerate(zip(expected, actual)):
             compare(e, a, f"{path}[{i}]", exact, problems)
     elif isinstance(expected, float) and isinstance(actual, float) and not exact:
-        if abs(expected - actual) > 1e-6 * max(1.0, abs(expected)):
+        if not _close(expected, actual):
+            problems.append(f"{path}: {expected!r} -> {actual!r}")
+    elif isinstance(expected, str) and isinstance(actual, str) and not exact:
+        if HASH.fullmatch(expected) and HASH.fullmatch(actual):
+            return  # a hash of float data: only meaningful bit for bit
+        numbers = NUMBER.findall(expected), NUMBER.findall(actual)
+        if (NUMBER.sub("#", expected) != NUMBER.sub("#", actual) or len(numbers[0]) != len(numbers[1])
+                or not all(_close(float(a), float(b)) for a, b in zip(*numbers))):
             problems.append(f"{path}: {expected!r} -> {actual!r}")
     elif expected != actual:
         problems.append(f"{path}: {expected!r} -> {actual!r}")
 
 
-def _numel(d):
-    n = 1
-    for s in d["shape"]:
-        n *= s
-    return n
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= LOOSE * max(1e-6, abs(a))
 
 
 def run_node(node, **kwargs):

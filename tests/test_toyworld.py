@@ -29,9 +29,8 @@ FLOORS = REPO_ROOT / "bench" / "quality_floors.json"
 def _need_weights():
     """The committed weights. Until they are trained and committed (issue #14: toyworld/weights/ does not exist) the
     tests that need them skip, saying so; once SHA256SUMS is there, a missing or changed file fails."""
-    if not (M.WEIGHTS / "SHA256SUMS").is_file():
-        pytest.skip(f"the toy-world weights are not trained yet (no {M.WEIGHTS}/SHA256SUMS; train them with "
-                    "python -m toyworld.train_base, then python -m toyworld.train_concept)")
+    if not M.trained():
+        pytest.skip(M.NOT_TRAINED)
     bad = M.check_manifest()
     assert not bad, f"toy-world weight files missing or changed (SHA256SUMS): {bad}"
 

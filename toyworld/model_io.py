@@ -158,6 +158,16 @@ def load_diffusers_folder(folder: Path, dtype=torch.float32):
     return vae, text, unet
 
 
+NOT_TRAINED = (f"the toy-world weights are not trained yet (no {WEIGHTS}/SHA256SUMS or no {CONCEPT_NAME}/ beside it); "
+               "train them with python -m toyworld.train_base, then python -m toyworld.train_concept")
+
+
+def trained(root: Path = WEIGHTS) -> bool:
+    """Are the trained weights here (the manifest and the concept folder)? The one check the tests, the demo and the
+    benchmarks share; whether the files are intact is check_manifest's question."""
+    return (root / "SHA256SUMS").is_file() and (root / CONCEPT_NAME).is_dir()
+
+
 def write_manifest(root: Path = WEIGHTS) -> dict:
     """SHA256SUMS over every weight/config file under weights/ (sha256sum -c format)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("SHA256SUMS",) and
