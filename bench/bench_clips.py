@@ -78,6 +78,15 @@ def run(family="tiny", size=64, frames=4, steps=10, shift=8, device="cpu") -> di
     from devtools.comfy_env import bootstrap
 
     bootstrap(cpu=device == "cpu")
+    with torch.inference_mode():
+        model, clip, vae, _ = bi.load_models(family, size)
+    return measure(model, clip, vae, size, frames, steps, shift, device) | {"family": family}
+
+
+def measure(model, clip, vae, size=64, frames=4, steps=10, shift=8, device="cpu") -> dict:
+    """The clip report on models already loaded (run_bench.py --clip-frames calls this on its suite's models)."""
+    import torch
+
     from comfyui_photoswap.photoswap_core.inversion import InversionSettings, run_inversion
     from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
     from comfyui_photoswap.photoswap_core.recorder import record_clip
@@ -85,7 +94,6 @@ def run(family="tiny", size=64, frames=4, steps=10, shift=8, device="cpu") -> di
     from comfyui_photoswap.photoswap_core.swap_sampler import swap
 
     with torch.inference_mode():
-        model, clip, vae, _ = bi.load_models(family, size)
         samples, discs = make_clip(vae, size, frames, shift)
         src, neg = bi.encode(clip, "a photo of a ball"), bi.encode(clip, "")
         tgt = bi.encode(clip, "a photo of a sks dog")
@@ -103,7 +111,7 @@ def run(family="tiny", size=64, frames=4, steps=10, shift=8, device="cpu") -> di
         t0 = time.perf_counter()
         pipeline(samples[:1], "off")
         single = time.perf_counter() - t0
-        report = {"family": family, "size": size, "frames": frames, "steps": steps, "shift_px": shift,
+        report = {"family": type(model.model.model_config).__name__, "size": size, "frames": frames, "steps": steps, "shift_px": shift,
                   "single_image_s": single, "modes": {}, "machine": bi.machine_info(device)}
         for mode in MODES:
             if device == "cuda":

@@ -22,6 +22,9 @@ their weights are inference tensors exactly as in the server):
   `e2e_<method>_lockstep`: run_inversion + record_trace(fraction 0) + lockstep swap (the inversion is the same run as
   in `e2e_<method>`: its time is counted once for each row, it is not re-run).
 
+With `--clip-frames F`, bench_clips.py's clip report (frame-to-frame consistency with frame_attention off / first /
+keyframes, per-frame cost as a ratio to one image) runs after the suite on the same models.
+
 Peak memory per stage: CUDA: `torch.cuda.max_memory_allocated` (reset between stages). CPU: the process's peak RSS
 (VmHWM from /proc/self/status, reset between stages by writing 5 to /proc/self/clear_refs — exact, no sampling);
 where that is unavailable, psutil RSS sampled every 5 ms in a background thread. Both the absolute peak (model
@@ -402,7 +405,6 @@ def run_suite(args) -> dict:
     with torch.inference_mode() if args.weights == "inference" else contextlib.nullcontext():
         model, clip, _vae, latent = bi.load_models(args.family, args.size)
         mm.load_models_gpu([model])
-    del _vae
     load_seconds = time.perf_counter() - t_load
     log(f"model loaded in {load_seconds:.1f} s")
     machine = bi.machine_info(device.type)
@@ -468,7 +470,14 @@ def run_suite(args) -> dict:
         sync_debug = None
         if args.sync_debug and device.type == "cuda":
             sync_debug = guarded({}, ["sync_debug"], lambda: sync_debug_stages(suite, args.steps))
+        clips = None
+        if args.clip_frames:  # bench_clips.py's temporal report on the same models, in the same process
+            import bench_clips
+
+            clips = guarded({}, ["clips"], lambda: bench_clips.measure(model, clip, _vae, args.size, args.clip_frames,
+                                                                       args.steps, device=device.type))
         meta["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    del _vae
     unit = bench.results["plain"]
     stages = {}
     for name, stage in bench.results.items():
@@ -487,6 +496,10 @@ def run_suite(args) -> dict:
     result = {"meta": meta, "stages": stages, "trace": trace_info, "pipelines": details, "errors": errors}
     if sync_debug is not None:
         result["cuda_sync_debug"] = sync_debug
+    if clips is not None:
+        result["clips"] = clips
+    elif args.clip_frames:
+        errors["clips"] = "the clip benchmark failed (log above)"
     return result
 
 
@@ -616,6 +629,10 @@ def format_table(result: dict) -> str:
         lines.append(f"CUDA syncs in {name}: {sd['syncs']} ({sd['per_step']:.1f}/step){': ' + top if top else ''}")
     lines.append("ideal = UNet rows of the stage / rows of the unit, a row with autograd counted 3×; "
                  "ratio − ideal is overhead.")
+    if result.get("clips"):
+        import bench_clips
+
+        lines += ["", bench_clips.format_report(result["clips"])]
     return "\n".join(lines)
 
 
@@ -655,6 +672,9 @@ def parse_args(argv=None):
     p.add_argument("--sync-debug", action="store_true",
                    help="CUDA: count host-device synchronisations per stage and source line "
                         "(torch.cuda.set_sync_debug_mode, separate untimed runs)")
+    p.add_argument("--clip-frames", type=int, default=0, metavar="F",
+                   help="also bench_clips.py's report (temporal consistency, per-frame cost vs one image) on an "
+                        "F-frame clip, same models and process (0: off)")
     p.add_argument("--json", type=Path, help="output JSON (default bench/results/<family>-<size>-<device>.json)")
     args = p.parse_args(argv)
     if args.size % 8:

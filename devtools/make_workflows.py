@@ -47,6 +47,12 @@ LORA_SD15_BEAR = "zwx_bear_lora_sd15.safetensors"
 BASE_SDXL = "sd_xl_base_1.0.safetensors"
 LORA_SDXL = "sks_dog_lora_sdxl.safetensors"
 CONTROLNET_SD15 = "control_v11p_sd15_canny.safetensors"
+FLUX_UNET = "flux1-dev.safetensors"  # workflows 11-12: Flux-dev as ComfyUI's Flux workflows load it
+FLUX_T5, FLUX_CLIP_L, FLUX_VAE = "t5xxl_fp16.safetensors", "clip_l.safetensors", "ae.safetensors"
+FLUX_LORA = "sks_dog_flux_lora.safetensors"
+FLUX_REDUX, FLUX_SIGCLIP = "flux1-redux-dev.safetensors", "sigclip_vision_patch14_384.safetensors"
+REFERENCE = "photoswap_reference_dog.png"  # workflow 12: a photo of the new subject
+FLUX_STEPS, FLUX_GUIDANCE = 28, 3.5
 SAVED_INVERSION = "photoswap/photoswap_cat_00001.safetensors [output]"
 VIDEO = "photoswap_clip.mp4"  # workflow 10: a short clip in ComfyUI's input folder
 SOURCE_PROMPT = "A photo of a cat"
@@ -590,6 +596,122 @@ def wf_video_clip(oi) -> Workflow:
     return wf
 
 
+def _flux_loaders(wf: Workflow, col: int = 0) -> tuple:
+    """(UNETLoader, DualCLIPLoader type flux, VAELoader): Flux-dev as ComfyUI's own Flux workflows load it."""
+    unet = wf.add("UNETLoader", col, unet_name=FLUX_UNET, weight_dtype="default")
+    clip = wf.add("DualCLIPLoader", col, clip_name1=FLUX_T5, clip_name2=FLUX_CLIP_L, type="flux")
+    vae = wf.add("VAELoader", col, vae_name=FLUX_VAE)
+    return unet, clip, vae
+
+
+def _flux_swap(wf: Workflow, model: tuple, clip: tuple, vae: tuple, concept: Node | None, concept_words: str,
+               prefix: str, target_hook=None) -> dict:
+    """Photo → Prompt Pair (FluxGuidance on both prompts) → direct inversion (cfg 1) → Recorder → Swap Sampler →
+    outputs, on Flux. `target_hook(wf, guided_target) -> (node, output)` may rewrite the target conditioning."""
+    image = wf.add("LoadImage", 1, image=PHOTO)
+    scale = wf.add("ImageScale", 1, upscale_method="lanczos", width=1024, height=1024, crop="center")
+    wf.link(image, "IMAGE", scale, "image")
+    encode = wf.add("VAEEncode", 1)
+    wf.link(scale, "IMAGE", encode, "pixels")
+    wf.link(*vae, encode, "vae")
+    pair = wf.add("PhotoswapPromptPair", 1, source_prompt=SOURCE_PROMPT, subject_word=SUBJECT,
+                  concept_words=concept_words, negative_prompt="", target_prompt="")
+    wf.link(*clip, pair, "clip")
+    if concept is not None:
+        wf.link(concept, "CONCEPT", pair, "concept")
+    guided = {}
+    for role in ("source_positive", "target_positive"):
+        guided[role] = wf.add("FluxGuidance", 2, title=f"Guidance ({role.split('_')[0]})", guidance=FLUX_GUIDANCE)
+        wf.link(pair, role, guided[role], "conditioning")
+    target = (guided["target_positive"], "CONDITIONING")
+    extra = []
+    if target_hook is not None:
+        extra, target = target_hook(wf, target)
+    inv = wf.add("PhotoswapNullTextInversion", 2, steps=FLUX_STEPS, cfg=1.0, method="direct", inner_iterations=10,
+                 early_stop_epsilon=1e-5, learning_rate=0.01)
+    wf.link(*model, inv, "model")
+    wf.link(encode, "LATENT", inv, "latent")
+    wf.link(guided["source_positive"], "CONDITIONING", inv, "source_positive")
+    wf.link(pair, "negative", inv, "negative")
+    rec = wf.add("PhotoswapAttentionRecorder", 3, seed=8888, steps=FLUX_STEPS, cfg=1.0, record_fraction=1.0,
+                 record_self_maps=False, storage="auto", memory_budget_gb=0.0)
+    wf.link(*model, rec, "model")
+    wf.link(guided["source_positive"], "CONDITIONING", rec, "source_positive")
+    wf.link(pair, "negative", rec, "negative")
+    wf.link(inv, "inversion", rec, "inversion")
+    swap = wf.add("PhotoswapAttentionSwapSampler", 3, **dict(NOTEBOOK, local_blend=True, blend_threshold=0.3,
+                                                            blend_start=0.2, cfg=1.0, force_lockstep=False))
+    wf.link(*model, swap, "model")
+    wf.link(rec, "trace", swap, "trace")
+    wf.link(*target, swap, "target_positive")
+    wf.link(pair, "negative", swap, "negative")
+    wf.link(pair, "prompts", swap, "prompts")
+    outs = []
+    for output, name, title in (("swapped", "swapped", "Swapped image"),
+                                ("source", "source_reconstruction", "Source reconstruction")):
+        decode = wf.add("VAEDecode", 4)
+        wf.link(swap, output, decode, "samples")
+        wf.link(*vae, decode, "vae")
+        save = wf.add("SaveImage", 4, title=title, filename_prefix=f"{prefix}/{name}")
+        wf.link(decode, "IMAGE", save, "images")
+        outs += [decode, save]
+    preview = wf.add("PhotoswapAttentionPreview", 4, step_fraction=0.5)
+    wf.link(*model, preview, "model")
+    wf.link(rec, "trace", preview, "trace")
+    wf.link(pair, "prompts", preview, "prompts")
+    wf.link(*target, preview, "target_positive")
+    wf.link(swap, "blend_mask", preview, "blend_mask")
+    shots = wf.add("SaveImage", 4, title="Attention previews", filename_prefix=f"{prefix}/attention_previews")
+    wf.link(preview, "previews", shots, "images")
+    return {"photo": [image, scale, encode, pair], "invert": [guided["source_positive"], guided["target_positive"],
+                                                              inv] + extra,
+            "swap": [rec, swap], "outs": outs + [preview, shots]}
+
+
+def wf_flux_lora(oi) -> Workflow:
+    """Flux-dev + a Flux LoRA concept (kohya / ai-toolkit / diffusers keys) through the Concept Loader."""
+    wf = Workflow("11_flux_lora_swap", oi, "Photoswap 11: real-image swap on Flux with a Flux LoRA concept")
+    unet, clip, vae = _flux_loaders(wf)
+    concept = wf.add("PhotoswapConceptLoader", 0, source="lora", lora_name=FLUX_LORA, concept_words=CONCEPT,
+                     class_word=CLASS_WORD)
+    for node, name in ((unet, "model"), (clip, "clip"), (vae, "vae")):
+        wf.link(node, 0, concept, name)
+    parts = _flux_swap(wf, (concept, "MODEL"), (concept, "CLIP"), (concept, "VAE"), concept, CONCEPT,
+                       "photoswap/11_flux_lora")
+    note = wf.note(0, NOTES["11"])
+    _standard_groups(wf, [unet, clip, vae, concept, note], parts["photo"], parts["invert"], parts["swap"],
+                     parts["outs"])
+    return wf
+
+
+def wf_flux_redux(oi) -> Workflow:
+    """Zero-shot: the concept from a reference photo through core Redux (CLIP Vision Encode + Apply Style Model on
+    the target conditioning), no training."""
+    wf = Workflow("12_flux_redux_zero_shot", oi, "Photoswap 12: zero-shot swap on Flux, the new subject from a "
+                                                 "reference photo (Redux)")
+    unet, clip, vae = _flux_loaders(wf)
+
+    def redux(wf, target):
+        ref = wf.add("LoadImage", 2, title="Reference photo of the new subject", image=REFERENCE)
+        vision = wf.add("CLIPVisionLoader", 2, clip_name=FLUX_SIGCLIP)
+        seen = wf.add("CLIPVisionEncode", 2, crop="center")
+        wf.link(vision, "CLIP_VISION", seen, "clip_vision")
+        wf.link(ref, "IMAGE", seen, "image")
+        style = wf.add("StyleModelLoader", 2, style_model_name=FLUX_REDUX)
+        apply = wf.add("StyleModelApply", 2, title="Redux on the target prompt", strength=1.0,
+                       strength_type="multiply")
+        wf.link(*target, apply, "conditioning")
+        wf.link(style, "STYLE_MODEL", apply, "style_model")
+        wf.link(seen, "CLIP_VISION_OUTPUT", apply, "clip_vision_output")
+        return [ref, vision, seen, style, apply], (apply, "CONDITIONING")
+
+    parts = _flux_swap(wf, (unet, "MODEL"), (clip, "CLIP"), (vae, "VAE"), None, CLASS_WORD,
+                       "photoswap/12_flux_redux", target_hook=redux)
+    note = wf.note(0, NOTES["12"])
+    _standard_groups(wf, [unet, clip, vae, note], parts["photo"], parts["invert"], parts["swap"], parts["outs"])
+    return wf
+
+
 def _standard_groups(wf, load, photo, invert, swap, outs):
     wf.group("Model and concept", load, GROUP_COLORS["load"])
     wf.group("Photo and prompts", photo, GROUP_COLORS["load"])
@@ -644,13 +766,25 @@ NOTES = {
            "frame). Start with a few frames (ImageFromBatch `length`) at 512 px; `frames_per_batch` bounds the "
            "memory (0 = as many as fit; the result does not depend on it). The swapped frames go back into a video "
            "with the source's frame rate and audio."),
+    "11": ("## Flux real-image swap with a Flux LoRA\nFlux-dev in `models/diffusion_models/`, `t5xxl_fp16` and "
+           "`clip_l` in `models/text_encoders/`, `ae.safetensors` in `models/vae/`, your Flux LoRA (kohya, ai-toolkit "
+           f"or diffusers keys) in `models/loras/` (concept words e.g. `{CONCEPT}`).\n{_WHERE}\nOn Flux the inversion "
+           "is `direct` (the flow ODE, source pinned: exact reconstruction) and every cfg is 1: the guidance is "
+           "Flux-dev's distilled one, set on **FluxGuidance** (both prompts). 28 steps, 1024 px."),
+    "12": ("## Flux zero-shot swap (Redux, no training)\nThe new subject comes from a reference photo: **CLIP Vision "
+           "Encode** (SigCLIP, `models/clip_vision/`) + **Apply Style Model** (`flux1-redux-dev`, "
+           "`models/style_models/`) add its image tokens to the *target* prompt only; the source pass stays the "
+           "photo's. concept_words is a plain class word (`dog`), no learned token. How strongly Redux holds the "
+           "reference's identity is not measured yet (no trained Flux weights here); lower the style strength if "
+           "the reference's background leaks in."),
     "7b": ("## Swap with a saved inversion\nPick the file saved by 7a (refresh the page after saving). It must be "
            "used with the same model (checkpoint and LoRAs) it was made with: the loader checks the weights. The "
            "prompt pair's source prompt must be the one the inversion was made with."),
 }
 
 BUILDERS = [wf_real_dreambooth, wf_real_lora_direct, wf_synthetic, wf_controlnet, wf_sdxl, wf_sweep,
-            wf_save_inversion, wf_load_inversion, wf_multi_concept, wf_composition, wf_video_clip]
+            wf_save_inversion, wf_load_inversion, wf_multi_concept, wf_composition, wf_video_clip, wf_flux_lora,
+            wf_flux_redux]
 
 
 def build_all(object_info: dict) -> list:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_FOLDER_NAME = "comfyui-photoswap"  # the name provisioning links this checkout under in custom_nodes/
-MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "diffusers", "controlnet", "vae", "upscale_models")
+MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "diffusers", "controlnet", "vae", "upscale_models",
+                 "diffusion_models", "text_encoders", "style_models", "clip_vision")
 
 
 class ComfyServerError(RuntimeError):
@@ -107,10 +108,12 @@ def _stop_all():
 class ComfyServer:
     def __init__(self, workdir: str | os.PathLike | None = None, checkpoints=("sd15",), comfyui_path=None,
                  port: int | None = None, output_dir=None, extra_args=(), startup_timeout: float = 300.0,
-                 disable_api_nodes: bool = True, env: dict | None = None, log=None):
+                 disable_api_nodes: bool = True, env: dict | None = None, log=None, custom_nodes=()):
         """`checkpoints`: cached random checkpoint families to create if needed and link in ("sd15", "sd21-v",
         "sdxl"). `workdir`: kept if given, else a temp folder removed on stop(). `output_dir`: defaults to
-        <workdir>/output. `extra_args`: more main.py flags."""
+        <workdir>/output. `extra_args`: more main.py flags. `custom_nodes`: more custom-node folders for this
+        server only (test stand-ins such as devtools/test_nodes/*), linked into <workdir>/custom_nodes."""
+        self.custom_nodes = tuple(Path(p).absolute() for p in custom_nodes)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="photoswap-comfy-")).absolute()
         self.checkpoints = tuple(checkpoints or ())
@@ -170,6 +173,14 @@ class ComfyServer:
                 self.add_model("checkpoints", ensure_checkpoint(name, log=self._log))
         lines = ["photoswap_test:", f"  base_path: {json.dumps(str(self.models_dir))}", "  is_default: true"]
         lines += [f"  {name}: {name}" for name in MODEL_FOLDERS]
+        if self.custom_nodes:
+            folder = self.workdir / "custom_nodes"
+            folder.mkdir(exist_ok=True)
+            for source in self.custom_nodes:
+                target = folder / source.name
+                if not target.is_symlink():
+                    target.symlink_to(source, target_is_directory=True)
+            lines.append(f"  custom_nodes: {json.dumps(str(folder))}")
         self.extra_model_paths = self.workdir / "extra_model_paths.yaml"
         self.extra_model_paths.write_text("\n".join(lines) + "\n")
 

@@ -260,11 +260,17 @@ def flux_lora_state_dict(model, fmt: str = "kohya", rank: int = 4, seed: int = 0
     """A random LoRA for `model` in a format people train: "kohya" (sd-scripts / ai-toolkit's kohya option:
     lora_unet_<BFL name>.lora_down/lora_up/alpha) or "diffusers" (diffusers / ai-toolkit / peft:
     transformer.<diffusers name>.lora_A/lora_B). diffusers to_q/to_k/to_v patch thirds of the fused qkv."""
+    shapes = {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}
+    return flux_lora_for_shapes(shapes, fmt, rank, seed, scale)
+
+
+def flux_lora_for_shapes(shapes: dict, fmt: str = "kohya", rank: int = 4, seed: int = 0, scale: float = 0.5) -> dict:
+    """flux_lora_state_dict from the diffusion model's {BFL key: shape} alone (e.g. the meta layout of a full-width
+    file, devtools.flux_checkpoints._meta_layout), without loading the model."""
     gen = torch.Generator().manual_seed(seed)
-    weights = model.model.diffusion_model.state_dict()
     out = {}
     for key, target, third in FLUX_LORA_TARGETS[fmt]:
-        rows, cols = weights[target].shape
+        rows, cols = shapes[target]
         if third is not None:
             rows = cols  # one of q/k/v: hidden x hidden
         down = torch.randn(rank, cols, generator=gen) * scale / math.sqrt(cols)

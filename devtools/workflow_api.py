@@ -246,14 +246,19 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
                size: tuple | None = None, steps: int | None = None, inner_iterations: int | None = None,
                controlnet: str | None = None, inversion_file: str | None = None, concept_words: str | None = None,
                class_word: str | None = None, source_prompt: str | None = None, subject_word: str | None = None,
-               prefix: str | None = None, video: str | None = None) -> dict:
+               prefix: str | None = None, video: str | None = None, unet: str | None = None,
+               text_encoders: tuple | None = None, vae: str | None = None, style_model: str | None = None,
+               clip_vision: str | None = None, reference_image: str | None = None) -> dict:
     """A copy of an API graph of the example workflows with the user's (or the tests') files and a smaller run.
 
     checkpoint: every CheckpointLoaderSimple, and the Photoswap concept loader when its source is 'checkpoint';
     lora: the concept loader when its source is 'lora' (and core LoraLoader); image: LoadImage; size (width,
     height): ImageScale and EmptyLatentImage; steps: inversion, recorder (and KSampler); controlnet:
     ControlNetLoader; inversion_file: Photoswap Load Inversion; concept words / prompts: the concept loader and the
-    prompt pair; video: LoadVideo; prefix: replaces the leading 'photoswap' folder of every SaveImage / Save Inversion prefix."""
+    prompt pair; video: LoadVideo; prefix: replaces the leading 'photoswap' folder of every SaveImage / Save Inversion prefix.
+    Flux (workflows 11-12): unet: UNETLoader; text_encoders (t5, clip_l): DualCLIPLoader; vae: VAELoader; style_model:
+    StyleModelLoader; clip_vision: CLIPVisionLoader; reference_image: a LoadImage that feeds CLIP Vision Encode
+    (else `image` goes to every LoadImage)."""
     graph = copy.deepcopy(graph)
     for _nid, node in graph.items():
         kind, inputs = node["class_type"], node["inputs"]
@@ -274,7 +279,20 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
         elif kind == "LoraLoader":
             put("lora_name", lora)
         elif kind == "LoadImage":
-            put("image", image)
+            feeds_vision = any(n["class_type"] == "CLIPVisionEncode" and isinstance(n["inputs"].get("image"), list)
+                               and str(n["inputs"]["image"][0]) == str(_nid) for n in graph.values())
+            put("image", reference_image if feeds_vision and reference_image is not None else image)
+        elif kind == "UNETLoader":
+            put("unet_name", unet)
+        elif kind == "DualCLIPLoader" and text_encoders is not None:
+            put("clip_name1", text_encoders[0])
+            put("clip_name2", text_encoders[1])
+        elif kind == "VAELoader":
+            put("vae_name", vae)
+        elif kind == "StyleModelLoader":
+            put("style_model_name", style_model)
+        elif kind == "CLIPVisionLoader":
+            put("clip_name", clip_vision)
         elif kind == "LoadVideo":
             put("file", video)
         elif kind in ("ImageScale", "EmptyLatentImage") and size is not None:

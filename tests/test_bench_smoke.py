@@ -26,7 +26,7 @@ STAGES = ["plain", "plain_custom", "inversion_ddim", "inversion_negative_prompt"
 def test_bench_suite_tiny(tmp_path):
     out = tmp_path / "tiny.json"
     cmd = [sys.executable, str(REPO_ROOT / "bench" / "run_bench.py"), "--family", "tiny", "--size", "64",
-           "--steps", "4", "--inner-iterations", "2", "--threads", "1", "--json", str(out)]
+           "--steps", "4", "--inner-iterations", "2", "--threads", "1", "--clip-frames", "2", "--json", str(out)]
     env = dict(os.environ, PHOTOSWAP_DEVICE="cpu")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"run_bench.py failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
@@ -50,6 +50,10 @@ def test_bench_suite_tiny(tmp_path):
     meta = result["meta"]
     for key in ("device_name", "dtype", "torch", "comfyui", "size", "steps", "memory_method"):
         assert meta.get(key), key
+    clips = result["clips"]  # --clip-frames: the clip report on the same models, in the same process
+    assert set(clips["modes"]) == {"off", "first", "keyframes"} and clips["frames"] == 2, clips
+    for mode, entry in clips["modes"].items():
+        assert entry["seconds_per_frame"] > 0 and entry["ratio_to_single"] > 0, (mode, entry)
     print("ratios: " + ", ".join(f"{name} {stages[name]['ratio']:.2f}x" for name in STAGES))
 
 
@@ -60,3 +64,24 @@ def test_benchmark_documents_match_the_results():
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "render_benchmarks.py"), "--check"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.integration
+def test_flux_bench_tiny(tmp_path):
+    """bench/bench_flux.py on the tiny Flux: every stage runs, and the counted work is what the design says (the
+    inversion and a trace swap are one pass each, one model row per step; lockstep is two rows per step)."""
+    out = tmp_path / "flux.json"
+    steps = 3
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "bench_flux.py"), "--steps", str(steps), "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, PHOTOSWAP_DEVICE="cpu"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"bench_flux.py failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    print("\n" + proc.stdout)
+    stages = json.loads(out.read_text())["stages"]
+    assert stages["plain"]["unet_calls"] == steps and stages["plain"]["unet_rows"] == steps  # cfg 1: no uncond row
+    for name in ("inversion_direct", "record", "swap_trace"):
+        assert stages[name]["unet_rows"] == steps, (name, stages[name])
+    assert stages["swap_lockstep"]["unet_rows"] == 2 * steps, stages["swap_lockstep"]
+    assert stages["e2e"]["unet_rows"] == 3 * steps, stages["e2e"]
+    for name, stage in stages.items():
+        assert stage["seconds"] > 0 and stage["ratio"] > 0, (name, stage)

@@ -31,7 +31,7 @@ CONTROLNET_FILE = "random-controlnet-sd15.safetensors"
 EXPECTED_FILES = ["1_real_image_swap_dreambooth", "2_real_image_swap_lora_direct", "3_synthetic_swap",
                   "4_controlnet_canny_target", "5_sdxl_real_image_swap", "6_window_sweep_grid", "7a_save_inversion",
                   "7b_load_inversion_swap", "8_multi_concept_two_loras", "9_composition_by_parts",
-                  "10_video_clip_swap"]
+                  "10_video_clip_swap", "11_flux_lora_swap", "12_flux_redux_zero_shot"]
 PACK_MODULE_PREFIX = "custom_nodes."
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 

@@ -183,8 +183,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=M.WEIGHTS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=400, help="DreamBooth and LoRA steps")
+    ap.add_argument("--steps", type=int, default=500, help="DreamBooth and LoRA steps")
     ap.add_argument("--ti-steps", type=int, default=400)
+    ap.add_argument("--db-lr", type=float, default=5e-4, help="DreamBooth learning rate (1e-4 never taught the concept)")
+    ap.add_argument("--lora-lr", type=float, default=3e-3)
+    ap.add_argument("--ti-lr", type=float, default=1e-2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
     for m in (db_unet, db_text):
         m.train().requires_grad_(True)
     log["dreambooth"] = {"curve": finetune(db_unet, db_text, list(db_unet.parameters()) + list(db_text.parameters()),
-                                           inst, cls, args.steps, 1e-4, args.seed + 12, tag="dreambooth")}
+                                           inst, cls, args.steps, args.db_lr, args.seed + 12, tag="dreambooth")}
     db_unet.eval(), db_text.eval()
     log["dreambooth"]["concept_rate"] = concept_rate(db_unet, db_text, vae, 5)
     M.save_diffusers_folder(args.out / M.CONCEPT_NAME, vae, db_text, db_unet, concept=words)
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
     lora_params = [p for m in wrapped.values() for p in (m.down.weight, m.up.weight)]
     for p in lora_params:
         p.requires_grad_(True)
-    log["lora"] = {"curve": finetune(lora_unet, text, lora_params, inst, cls, args.steps, 1e-3, args.seed + 13,
+    log["lora"] = {"curve": finetune(lora_unet, text, lora_params, inst, cls, args.steps, args.lora_lr, args.seed + 13,
                                      tag="lora"), "modules": len(wrapped)}
     log["lora"]["concept_rate"] = concept_rate(lora_unet.eval(), text, vae, 5)
     save_lora(wrapped, args.out / M.LORA_NAME, W.CONCEPT_WORDS, W.CONCEPT_CLASS)
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
 
     row = text.get_input_embeddings().weight[M.token_ids(W.CONCEPT_CLASS)[1]].clone()
     vec = torch.nn.Parameter(row[None].clone())
-    log["embedding"] = {"curve": finetune(unet, text, [vec], inst, cls, args.ti_steps, 5e-3, args.seed + 14,
+    log["embedding"] = {"curve": finetune(unet, text, [vec], inst, cls, args.ti_steps, args.ti_lr, args.seed + 14,
                                           prior=False, embed_row=vec, tag="embedding")}
     log["embedding"]["concept_rate"] = concept_rate(unet, text, vae, 5, embed_row=vec.detach())
     from safetensors.torch import save_file
