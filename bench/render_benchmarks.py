@@ -28,6 +28,7 @@ README = REPO_ROOT / "README.md"
 README_START = "<!-- bench:start (bench/render_benchmarks.py writes this block) -->"
 README_END = "<!-- bench:end -->"
 QUALITY = RESULTS / "quality"
+FLUX = RESULTS / "flux"  # bench/bench_flux.py reports
 README_Q_START = "<!-- quality:start (bench/render_benchmarks.py writes this block) -->"
 README_Q_END = "<!-- quality:end -->"
 SWAP_ROWS = [("no_swap", "target prompt from z_T, no swap"), ("cross_map_only", "cross-map swap only (0.6)"),
@@ -164,8 +165,30 @@ def render_benchmarks(results) -> str:
     ]
     for name, result in results:
         lines += ["", f"### `{name}`", "", "```", format_table(result), "```"]
+    lines += flux_section(load_flux())
     lines += quality_section(load_quality())
     return "\n".join(lines) + "\n"
+
+
+def load_flux() -> list[tuple[str, dict]]:
+    return sorted((p.name, json.loads(p.read_text())) for p in FLUX.glob("*.json")) if FLUX.is_dir() else []
+
+
+def flux_section(results) -> list[str]:
+    """bench/bench_flux.py's tables: the stages as ratios to plain Flux sampling in the same run."""
+    if not results:
+        return []
+    import bench_flux
+
+    lines = ["", "## Flux (bench/bench_flux.py)", "",
+             "Ratios to plain Flux sampling (`sample_custom`, euler, \"simple\" sigmas, cfg 1 + guidance) in the same "
+             "process; `ideal` = model rows of the stage / rows of the unit. Targets (issue #17): inversion ≤ 1.1×, "
+             "swap with a recorded trace ≤ 1.15×, end to end ≤ 2.5×. Work alone puts the end to end at 3 passes "
+             "(inversion, source pass, target pass); lockstep's 2-row calls reach ≤ 2.5× only where a 2-row call "
+             "costs under 1.5 single rows (a GPU), not on this CPU. Random weights: cost, never quality."]
+    for name, report in results:
+        lines += ["", f"### `{name}`", "", "```", bench_flux.format_report(report), "```"]
+    return lines
 
 
 def load_quality() -> list[tuple[str, dict]]:
