@@ -260,6 +260,10 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
     StyleModelLoader; clip_vision: CLIPVisionLoader; reference_image: a LoadImage that feeds CLIP Vision Encode
     (else `image` goes to every LoadImage)."""
     graph = copy.deepcopy(graph)
+    one_file = {"LoraLoader": ("lora_name", lora), "UNETLoader": ("unet_name", unet), "VAELoader": ("vae_name", vae),
+                "StyleModelLoader": ("style_model_name", style_model), "CLIPVisionLoader": ("clip_name", clip_vision),
+                "LoadVideo": ("file", video), "ControlNetLoader": ("control_net_name", controlnet),
+                "PhotoswapLoadInversion": ("inversion_file", inversion_file)}  # node type: (input, value)
     for _nid, node in graph.items():
         kind, inputs = node["class_type"], node["inputs"]
 
@@ -267,7 +271,9 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
             if value is not None and name in inputs and not isinstance(inputs[name], list):
                 inputs[name] = value
 
-        if kind == "CheckpointLoaderSimple":
+        if kind in one_file:
+            put(*one_file[kind])
+        elif kind == "CheckpointLoaderSimple":
             put("ckpt_name", checkpoint)
         elif kind == "PhotoswapConceptLoader":
             if inputs.get("source") == "checkpoint":
@@ -276,25 +282,13 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
                 put("lora_name", lora)
             put("concept_words", concept_words)
             put("class_word", class_word)
-        elif kind == "LoraLoader":
-            put("lora_name", lora)
         elif kind == "LoadImage":
             feeds_vision = any(n["class_type"] == "CLIPVisionEncode" and isinstance(n["inputs"].get("image"), list)
                                and str(n["inputs"]["image"][0]) == str(_nid) for n in graph.values())
             put("image", reference_image if feeds_vision and reference_image is not None else image)
-        elif kind == "UNETLoader":
-            put("unet_name", unet)
         elif kind == "DualCLIPLoader" and text_encoders is not None:
             put("clip_name1", text_encoders[0])
             put("clip_name2", text_encoders[1])
-        elif kind == "VAELoader":
-            put("vae_name", vae)
-        elif kind == "StyleModelLoader":
-            put("style_model_name", style_model)
-        elif kind == "CLIPVisionLoader":
-            put("clip_name", clip_vision)
-        elif kind == "LoadVideo":
-            put("file", video)
         elif kind in ("ImageScale", "EmptyLatentImage") and size is not None:
             put("width", int(size[0]))
             put("height", int(size[1]))
@@ -302,10 +296,6 @@ def substitute(graph: dict, *, checkpoint: str | None = None, lora: str | None =
             put("steps", steps)
             if kind == "PhotoswapNullTextInversion":
                 put("inner_iterations", inner_iterations)
-        elif kind == "ControlNetLoader":
-            put("control_net_name", controlnet)
-        elif kind == "PhotoswapLoadInversion":
-            put("inversion_file", inversion_file)
         elif kind == "PhotoswapPromptPair":
             put("concept_words", concept_words)
             put("source_prompt", source_prompt)
