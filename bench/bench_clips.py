@@ -111,8 +111,8 @@ def measure(model, clip, vae, size=64, frames=4, steps=10, shift=8, device="cpu"
         t0 = time.perf_counter()
         pipeline(samples[:1], "off")
         single = time.perf_counter() - t0
-        report = {"family": type(model.model.model_config).__name__, "size": size, "frames": frames, "steps": steps, "shift_px": shift,
-                  "single_image_s": single, "modes": {}, "machine": bi.machine_info(device)}
+        report = {"family": type(model.model.model_config).__name__, "size": size, "frames": frames, "steps": steps,
+                  "shift_px": shift, "single_image_s": single, "modes": {}, "machine": bi.machine_info(device)}
         for mode in MODES:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()

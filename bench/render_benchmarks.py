@@ -184,8 +184,9 @@ def flux_section(results) -> list[str]:
              "Ratios to plain Flux sampling (`sample_custom`, euler, \"simple\" sigmas, cfg 1 + guidance) in the same "
              "process; `ideal` = model rows of the stage / rows of the unit. Targets (issue #17): inversion ≤ 1.1×, "
              "swap with a recorded trace ≤ 1.15×, end to end ≤ 2.5×. Work alone puts the end to end at 3 passes "
-             "(inversion, source pass, target pass); lockstep's 2-row calls reach ≤ 2.5× only where a 2-row call "
-             "costs under 1.5 single rows (a GPU), not on this CPU. Random weights: cost, never quality."]
+             "(inversion, source pass, target pass); the lockstep path (inversion + one pass of 2-row calls) "
+             "would need a 2-row call under 1.5 single rows, which these CPU runs do not show. Random weights: cost, "
+             "never quality."]
     for name, report in results:
         lines += ["", f"### `{name}`", "", "```", bench_flux.format_report(report), "```"]
     return lines

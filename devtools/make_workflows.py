@@ -262,11 +262,18 @@ def _inversion(wf: Workflow, concept: Node, encode: Node, pair: Node, method: st
     return inv
 
 
-def _recorder(wf: Workflow, concept: Node, source_positive: tuple, negative: tuple, col: int = 3,
-              inversion: Node | None = None, latent: Node | None = None, seed: int = 8888) -> Node:
-    rec = wf.add("PhotoswapAttentionRecorder", col, seed=seed, steps=STEPS, cfg=CFG, record_fraction=1.0,
+def _src(models, kind: str) -> tuple:
+    """(node, output) of `kind` ("MODEL", "VAE"): from a Concept Loader node, or from {kind: (node, output)} when
+    separate loaders provide them (Flux: UNETLoader, VAELoader)."""
+    return models[kind] if isinstance(models, dict) else (models, kind)
+
+
+def _recorder(wf: Workflow, concept, source_positive: tuple, negative: tuple, col: int = 3,
+              inversion: Node | None = None, latent: Node | None = None, seed: int = 8888, steps: int = STEPS,
+              cfg: float = CFG) -> Node:
+    rec = wf.add("PhotoswapAttentionRecorder", col, seed=seed, steps=steps, cfg=cfg, record_fraction=1.0,
                  record_self_maps=False, storage="auto", memory_budget_gb=0.0)
-    wf.link(concept, "MODEL", rec, "model")
+    wf.link(*_src(concept, "MODEL"), rec, "model")
     wf.link(*source_positive, rec, "source_positive")
     wf.link(*negative, rec, "negative")
     if inversion is not None:
@@ -276,12 +283,12 @@ def _recorder(wf: Workflow, concept: Node, source_positive: tuple, negative: tup
     return rec
 
 
-def _sampler(wf: Workflow, concept: Node, rec: Node, target_positive: tuple, negative: tuple, pair: Node,
+def _sampler(wf: Workflow, concept, rec: Node, target_positive: tuple, negative: tuple, pair: Node,
              col: int = 3, title: str | None = None, **windows) -> Node:
     settings = dict(NOTEBOOK, local_blend=True, blend_threshold=0.3, blend_start=0.2, cfg=CFG, force_lockstep=False)
     settings.update(windows)
     swap = wf.add("PhotoswapAttentionSwapSampler", col, title=title, **settings)
-    wf.link(concept, "MODEL", swap, "model")
+    wf.link(*_src(concept, "MODEL"), swap, "model")
     wf.link(rec, "trace", swap, "trace")
     wf.link(*target_positive, swap, "target_positive")
     wf.link(*negative, swap, "negative")
@@ -289,22 +296,22 @@ def _sampler(wf: Workflow, concept: Node, rec: Node, target_positive: tuple, neg
     return swap
 
 
-def _decode_save(wf: Workflow, concept: Node, latent: tuple, prefix: str, col: int, title: str | None = None) -> tuple:
+def _decode_save(wf: Workflow, concept, latent: tuple, prefix: str, col: int, title: str | None = None) -> tuple:
     decode = wf.add("VAEDecode", col)
     wf.link(*latent, decode, "samples")
-    wf.link(concept, "VAE", decode, "vae")
+    wf.link(*_src(concept, "VAE"), decode, "vae")
     save = wf.add("SaveImage", col, title=title, filename_prefix=prefix)
     wf.link(decode, "IMAGE", save, "images")
     return decode, save
 
 
-def _outputs(wf: Workflow, concept: Node, rec: Node, pair: Node, swap: Node, prefix: str, col: int = 4,
+def _outputs(wf: Workflow, concept, rec: Node, pair: Node, swap: Node, prefix: str, col: int = 4,
              target_positive: tuple | None = None) -> list:
     d1, s1 = _decode_save(wf, concept, (swap, "swapped"), f"{prefix}/swapped", col, "Swapped image")
     d2, s2 = _decode_save(wf, concept, (swap, "source"), f"{prefix}/source_reconstruction", col,
                           "Source reconstruction")
     preview = wf.add("PhotoswapAttentionPreview", col, step_fraction=0.5)
-    wf.link(concept, "MODEL", preview, "model")
+    wf.link(*_src(concept, "MODEL"), preview, "model")
     wf.link(rec, "trace", preview, "trace")
     wf.link(pair, "prompts", preview, "prompts")
     wf.link(*(target_positive or (pair, "target_positive")), preview, "target_positive")
@@ -633,39 +640,14 @@ def _flux_swap(wf: Workflow, model: tuple, clip: tuple, vae: tuple, concept: Nod
     wf.link(encode, "LATENT", inv, "latent")
     wf.link(guided["source_positive"], "CONDITIONING", inv, "source_positive")
     wf.link(pair, "negative", inv, "negative")
-    rec = wf.add("PhotoswapAttentionRecorder", 3, seed=8888, steps=FLUX_STEPS, cfg=1.0, record_fraction=1.0,
-                 record_self_maps=False, storage="auto", memory_budget_gb=0.0)
-    wf.link(*model, rec, "model")
-    wf.link(guided["source_positive"], "CONDITIONING", rec, "source_positive")
-    wf.link(pair, "negative", rec, "negative")
-    wf.link(inv, "inversion", rec, "inversion")
-    swap = wf.add("PhotoswapAttentionSwapSampler", 3, **dict(NOTEBOOK, local_blend=True, blend_threshold=0.3,
-                                                            blend_start=0.2, cfg=1.0, force_lockstep=False))
-    wf.link(*model, swap, "model")
-    wf.link(rec, "trace", swap, "trace")
-    wf.link(*target, swap, "target_positive")
-    wf.link(pair, "negative", swap, "negative")
-    wf.link(pair, "prompts", swap, "prompts")
-    outs = []
-    for output, name, title in (("swapped", "swapped", "Swapped image"),
-                                ("source", "source_reconstruction", "Source reconstruction")):
-        decode = wf.add("VAEDecode", 4)
-        wf.link(swap, output, decode, "samples")
-        wf.link(*vae, decode, "vae")
-        save = wf.add("SaveImage", 4, title=title, filename_prefix=f"{prefix}/{name}")
-        wf.link(decode, "IMAGE", save, "images")
-        outs += [decode, save]
-    preview = wf.add("PhotoswapAttentionPreview", 4, step_fraction=0.5)
-    wf.link(*model, preview, "model")
-    wf.link(rec, "trace", preview, "trace")
-    wf.link(pair, "prompts", preview, "prompts")
-    wf.link(*target, preview, "target_positive")
-    wf.link(swap, "blend_mask", preview, "blend_mask")
-    shots = wf.add("SaveImage", 4, title="Attention previews", filename_prefix=f"{prefix}/attention_previews")
-    wf.link(preview, "previews", shots, "images")
+    models = {"MODEL": model, "VAE": vae}
+    rec = _recorder(wf, models, (guided["source_positive"], "CONDITIONING"), (pair, "negative"), inversion=inv,
+                    steps=FLUX_STEPS, cfg=1.0)
+    swap = _sampler(wf, models, rec, target, (pair, "negative"), pair, cfg=1.0)
+    outs = _outputs(wf, models, rec, pair, swap, prefix, target_positive=target)
     return {"photo": [image, scale, encode, pair], "invert": [guided["source_positive"], guided["target_positive"],
                                                               inv] + extra,
-            "swap": [rec, swap], "outs": outs + [preview, shots]}
+            "swap": [rec, swap], "outs": outs}
 
 
 def wf_flux_lora(oi) -> Workflow:
