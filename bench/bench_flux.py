@@ -9,16 +9,20 @@ Stages (under `torch.inference_mode()`, as ComfyUI's executor runs nodes):
 - `plain` (the unit): ComfyUI's stock Flux path, `comfy.sample.sample_custom` with KSAMPLER "euler" over
   BasicScheduler "simple" sigmas, cfg 1 and the guidance in the conditioning (what SamplerCustom(Advanced) +
   FluxGuidance run);
-- `inversion_direct`: `run_inversion` (the flow ODE, Euler, source pinned);
-- `record`: the Attention Recorder's source pass over that inversion (recording every step);
+- `inversion_direct`: `run_inversion` (the flow ODE, Euler, source pinned; it records the source pass's steps
+  1 … N−1 on its way, its calls being theirs); `inversion_midpoint`: the same with the second-order midpoint step
+  (two calls per step), with `round_trip_error` = max |Δ| of the unpinned trip back (the same solver, z_T to σ = 0)
+  against the image latent, for both solvers;
+- `record`: the Attention Recorder over that inversion (recording every step): it completes the inversion's
+  recording with step 0, one call;
 - `swap_trace`: the target pass with the recorded trace; `swap_lockstep`: in lockstep (source and target rows in one
   call, no stored attention: what runs when a trace does not fit the budget);
 - `e2e` = inversion + record + swap_trace and `e2e_lockstep` = inversion + lockstep record (fraction 0) + lockstep
   swap, each one timer.
 Model calls and batch rows are counted with a forward pre-hook on the diffusion model, so a ratio's `ideal` (rows of
 work relative to the plain pass) is told apart from overhead. Targets (issue #17): inversion ≤ 1.1×, swap with a
-recorded trace ≤ 1.15×, end to end ≤ 2.5×. Work alone puts e2e (three passes) at 3×, e2e_lockstep at 1 + 2 rows per
-call: ≤ 2.5× needs a device where a 2-row call costs < 1.5 single rows (a GPU), not a 2-core CPU.
+recorded trace ≤ 1.15×, end to end ≤ 2.5×. By work e2e is (N + 1 + N)/N rows (the inversion records the source
+pass), e2e_lockstep 1 + 2 rows per call.
 Random weights: the numbers measure cost, never quality.
 """
 from __future__ import annotations
@@ -95,11 +99,28 @@ class Stages:
 
         return sample_flux(self.model, self.plain_positive, torch.zeros_like(self.latent), steps or self.steps)
 
-    def invert(self, steps=None):
+    def invert(self, steps=None, solver="euler"):
         from comfyui_photoswap.photoswap_core.inversion import InversionSettings, run_inversion
 
         return run_inversion(self.model, self.latent, self.src, self.neg,
-                             InversionSettings(method="direct", steps=steps or self.steps, cfg=1.0))
+                             InversionSettings(method="direct", steps=steps or self.steps, cfg=1.0, solver=solver))
+
+    def round_trip_error(self, inversion, solver) -> float:
+        """max |Δ| between the image latent (model space) and the flow ODE run back from z_T with `solver`, unpinned."""
+        from comfyui_photoswap.photoswap_core.evaluator import DirectEvaluator
+
+        ev = DirectEvaluator(self.model, inversion.z_t.shape)
+        kw = ev.model_kwargs(ev.arch.prompt_entry(self.model, self.src, "source_positive"))
+        x = inversion.z_t.to(ev.device)
+
+        def v(x_at, s):
+            return ev.eps(x_at, s, kw["c_crossattn"], kw.get("y"), guidance=kw["guidance"])
+
+        sig = inversion.schedule.sigmas.tolist()
+        for a, b in zip(sig[:-1], sig[1:]):
+            m = 0.5 * (a + b)
+            x = x + (b - a) * (v(x, a) if solver == "euler" else v(x + (m - a) * v(x, a), m))
+        return float((x.cpu() - inversion.trajectory[-1]).abs().max())
 
     def record(self, inversion, fraction=1.0):
         from comfyui_photoswap.photoswap_core.recorder import record_source
@@ -143,7 +164,8 @@ def run(family="tiny-flux", size=64, steps=10, device="cpu", repeat=1) -> dict:
         st.plain(2), st.swap(st.record(inv), False), st.swap(st.record(inv, 0.0), True)
         inv = st.invert()
         trace, lock_trace = st.record(inv), st.record(inv, 0.0)
-        calls = {"plain": st.plain, "inversion_direct": st.invert, "record": lambda: st.record(inv),
+        calls = {"plain": st.plain, "inversion_direct": st.invert,
+                 "inversion_midpoint": lambda: st.invert(solver="midpoint"), "record": lambda: st.record(inv),
                  "swap_trace": lambda: st.swap(trace, False), "swap_lockstep": lambda: st.swap(lock_trace, True),
                  "e2e": st.e2e, "e2e_lockstep": st.e2e_lockstep}
         stages = {}
@@ -156,6 +178,8 @@ def run(family="tiny-flux", size=64, steps=10, device="cpu", repeat=1) -> dict:
                     best = {"seconds": seconds} | counter.snapshot()
             stages[name] = best
         counter.close()
+        for name, solver in (("inversion_direct", "euler"), ("inversion_midpoint", "midpoint")):
+            stages[name]["round_trip_error"] = st.round_trip_error(st.invert(solver=solver), solver)
     unit = stages["plain"]
     for name, stage in stages.items():
         stage["ratio"] = stage["seconds"] / unit["seconds"]
@@ -171,11 +195,13 @@ def run(family="tiny-flux", size=64, steps=10, device="cpu", repeat=1) -> dict:
 def format_report(report: dict) -> str:
     lines = [f"Flux stages: {report['family']} ({report['model']}), {report['size']} px, {report['steps']} steps, "
              f"{report['machine'].get('cpu') if report['machine']['device'] == 'cpu' else report['machine'].get('gpu')}",
-             f"{'stage':<18}{'seconds':>9}{'ratio':>8}{'ideal':>8}{'target':>8}{'calls':>7}{'rows':>6}"]
+             f"{'stage':<20}{'seconds':>9}{'ratio':>8}{'ideal':>8}{'target':>8}{'calls':>7}{'rows':>6}"
+             f"{'round trip':>12}"]
     for name, s in report["stages"].items():
         target = f"≤{s['target']:g}" if "target" in s else ""
-        lines.append(f"{name:<18}{s['seconds']:>9.3f}{s['ratio']:>8.2f}{s['ideal_ratio']:>8.2f}{target:>8}"
-                     f"{s['unet_calls']:>7}{s['unet_rows']:>6}")
+        trip = f"{s['round_trip_error']:>12.2e}" if "round_trip_error" in s else ""
+        lines.append(f"{name:<20}{s['seconds']:>9.3f}{s['ratio']:>8.2f}{s['ideal_ratio']:>8.2f}{target:>8}"
+                     f"{s['unet_calls']:>7}{s['unet_rows']:>6}{trip}")
     return "\n".join(lines)
 
 

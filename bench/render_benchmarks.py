@@ -183,9 +183,10 @@ def flux_section(results) -> list[str]:
     lines = ["", "## Flux (bench/bench_flux.py)", "",
              "Ratios to plain Flux sampling (`sample_custom`, euler, \"simple\" sigmas, cfg 1 + guidance) in the same "
              "process; `ideal` = model rows of the stage / rows of the unit. Targets (issue #17): inversion ≤ 1.1×, "
-             "swap with a recorded trace ≤ 1.15×, end to end ≤ 2.5×. Work alone puts the end to end at 3 passes "
-             "(inversion, source pass, target pass); the lockstep path (inversion + one pass of 2-row calls) "
-             "would need a 2-row call under 1.5 single rows, which these CPU runs do not show. Random weights: cost, "
+             "swap with a recorded trace ≤ 1.15×, end to end ≤ 2.5×. The inversion records the source pass on its "
+             "way (its calls are the source row's), so the Recorder adds one call and the end to end is N + 1 + N "
+             "rows; the lockstep path (inversion + one pass of 2-row calls) is 3N. `round trip` = max |Δ| of the "
+             "unpinned trip back from z_T with the same solver against the image latent. Random weights: cost, "
              "never quality."]
     for name, report in results:
         lines += ["", f"### `{name}`", "", "```", bench_flux.format_report(report), "```"]

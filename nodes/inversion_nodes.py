@@ -15,7 +15,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..photoswap_core.errors import PhotoswapInputError
-from ..photoswap_core.inversion import METHODS, summary, z_t_latent
+from ..photoswap_core.inversion import METHODS, SOLVERS, summary, z_t_latent
 from ..photoswap_core.inversion_files import resolve_inversion_file, saved_inversion_files
 from .types import CATEGORY, FrameOptions, Inversion
 
@@ -74,6 +74,12 @@ class PhotoswapNullTextInversion(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-2, min=0.0, max=10.0, step=1e-4, round=False,
                                tooltip="null_text: Adam learning rate at step 0; it decays linearly to half at the "
                                        "last step (the reference's 1e-2·(1 − i/100) for 50 steps)."),
+                io.Combo.Input("solver", options=list(SOLVERS), default="euler", optional=True,
+                               tooltip="The inversion's ODE step (optional: graphs saved before it exist use euler). euler: one model call per step (SD: the "
+                                       "reference's DDIM inversion; Flux: the flow ODE's Euler step). midpoint: Flux "
+                                       "only, RF-Solver's second-order step, two calls per step: a z_T that the ODE "
+                                       "maps back to the photo far more closely at the same steps (the source row "
+                                       "is pinned either way)."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="Optional: decode the reconstruction (the source trajectory's last latent) as "
                                      "a preview and as the IMAGE output."),
@@ -100,7 +106,7 @@ class PhotoswapNullTextInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, source_positive, negative, steps=50, cfg=7.5, method="null_text",
-                inner_iterations=10, early_stop_epsilon=1e-5, learning_rate=1e-2, vae=None,
+                inner_iterations=10, early_stop_epsilon=1e-5, learning_rate=1e-2, solver="euler", vae=None,
                 frame_options=None) -> io.NodeOutput:
         import comfy.utils
 
@@ -108,7 +114,8 @@ class PhotoswapNullTextInversion(io.ComfyNode):
 
         settings = InversionSettings(method=method, steps=int(steps), cfg=float(cfg),
                                      inner_iterations=int(inner_iterations),
-                                     early_stop_epsilon=float(early_stop_epsilon), learning_rate=float(learning_rate))
+                                     early_stop_epsilon=float(early_stop_epsilon), learning_rate=float(learning_rate),
+                                     solver=solver)
         samples = latent.get("samples") if isinstance(latent, dict) else None
         frames = int(samples.shape[0]) if isinstance(samples, torch.Tensor) else 1  # the core checks the latent
         pbar = comfy.utils.ProgressBar(max(1, progress_total(settings, frames)))

@@ -32,7 +32,9 @@ class PhotoswapAttentionRecorder(io.ComfyNode):
                 "Runs the source pass once and records what the swap needs: the source trajectory, null embeddings "
                 "and, within a memory budget, the source attention tensors of the swap windows. With an inversion "
                 "it reproduces the real photo; without one it generates the source image from a seed. Cached by "
-                "ComfyUI, so re-tuning the swap windows re-runs only the sampler."),
+                "ComfyUI, so re-tuning the swap windows re-runs only the sampler. On Flux the inversion already "
+                "recorded steps 1 … N−1 on its way: with the same MODEL and source prompt (and no self maps) this "
+                "node only adds step 0, one model call."),
             inputs=[
                 io.Model.Input("model", tooltip="The model (with the concept) that the swap sampler will also use."),
                 io.Conditioning.Input("source_positive", tooltip="The encoded source prompt (Prompt Pair's "

@@ -5,6 +5,7 @@ to them through `transformer_options["photoswap"]` for exactly one sampling run 
 Modes (per CFG chunk one latent row per frame, chunk-major; roles derived from `cond_or_uncond` on every call):
 - RECORD: the source row; stores what the swap windows need (into a trace, or for one step in lockstep).
 - TARGET: the target row; source tensors come from `source_store` / `source_blend_maps`.
+- PLAIN: plain attention (the flow inversion's evaluations that no swap step reads).
 In a target call of a clip, the target rows' own self-attention also attends to their anchor frames' keys and
 values (`frame_attention`, photoswap_core/frames.py); the source rows never do.
 Lockstep is the sampler alternating a record call and a target call every step, so it runs exactly the arithmetic
@@ -34,6 +35,7 @@ SWAP_LOG = logging.getLogger("photoswap.swaps")
 class RunMode(str, Enum):
     RECORD = "record"
     TARGET = "target"
+    PLAIN = "plain"  # a call that is neither (the flow inversion's extra evaluations): plain attention
 
 
 def explicit_cross_maps(q, k, heads: int, attn_precision=None, allowed=None) -> torch.Tensor:
@@ -342,7 +344,7 @@ def _outer_sample_wrapper(run: SwapRun):
 def _make_patch(arch, role: str, layer: tuple, prior):
     def patch(q, k, v, extra_options):
         run = extra_options.get(PATCH_KEY)
-        if run is None:  # a patched clone sampled outside a Photoswap run: plain attention
+        if run is None or run.mode is RunMode.PLAIN:  # outside a Photoswap run, or a call it does not record
             return prior(q, k, v, extra_options) if prior is not None else arch.attention(q, k, v, extra_options)
         if role == "self":
             return run.self_attention(layer, q, k, v, extra_options, prior)

@@ -23,6 +23,7 @@ from .errors import PhotoswapInputError
 from .evaluator import DirectEvaluator
 
 METHODS = ("null_text", "direct", "negative_prompt", "ddim")  # the node's choice list
+SOLVERS = ("euler", "midpoint")  # the node's choice list: the inversion's ODE step (the SD family: DDIM = "euler")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class InversionSettings:
     inner_iterations: int = 10
     early_stop_epsilon: float = 1e-5
     learning_rate: float = 1e-2
+    solver: str = "euler"
 
 
 @dataclass
@@ -205,7 +207,7 @@ def progress_total(settings: InversionSettings, frames: int = 1) -> int:
     if settings.method == "null_text":
         return frames * (n + n * settings.inner_iterations)
     if settings.method == "direct":
-        return frames * n
+        return frames * n * (2 if settings.solver == "midpoint" else 1)
     return frames * 2 * n
 
 
@@ -257,6 +259,7 @@ class InversionResult:
     weights_fingerprint: str
     latent_fingerprint: str
     inner_iterations: list = field(default_factory=list)
+    recording: object = None  # recorder.InversionRecording: the source pass recorded on the way (flow models)
 
     @property
     def z_t(self) -> torch.Tensor:
@@ -279,6 +282,9 @@ def validate_settings(settings: InversionSettings) -> None:
                                   "pick a listed method")
     if settings.cfg <= 0:
         raise PhotoswapInputError("cfg", f"a guidance scale > 0 (got {settings.cfg})", "use 7.5 (the paper's value)")
+    if settings.solver not in SOLVERS:
+        raise PhotoswapInputError("solver", f"one of {', '.join(SOLVERS)} (got {settings.solver!r})",
+                                  "pick a listed solver")
     if settings.method != "null_text":
         return
     if not settings.learning_rate > 0:
@@ -316,20 +322,31 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
     arch.check_latent(latent_samples, "latent")
     arch.check_guidance(settings.method, settings.cfg)
     validate_settings(settings)
+    arch.check_solver(settings.solver)
     src_entry = arch.prompt_entry(model, source_positive, "source_positive")
     neg_entry = arch.prompt_entry(model, negative, "negative")
     schedule = arch.schedule(model, settings.steps)
     image = arch.to_model_space(latent_samples)
-    parts = frames.plan(model, image.shape[0], image.shape, frames_per_batch, rows_per_frame=1)
-    out = _concat([invert(model, schedule, image[c.frames[0]:c.frames[-1] + 1], src_entry, neg_entry, settings,
-                          progress) for c in parts])
+    recording = None
+    if arch.inverts_as_a_sampler_pass:
+        from .recorder import invert_flow
+
+        latents, recording = invert_flow(model, source_positive, negative, schedule, image, settings.cfg,
+                                         settings.solver, progress)
+        null_ctx = DirectEvaluator(model, image.shape, arch=arch).model_kwargs(neg_entry)["c_crossattn"].float()
+        out = InversionOutput(inversion_latents=latents, trajectory=list(reversed(latents)),
+                              null_embeddings=null_ctx.unsqueeze(0).expand(settings.steps, *null_ctx.shape).cpu())
+    else:
+        parts = frames.plan(model, image.shape[0], image.shape, frames_per_batch, rows_per_frame=1)
+        out = _concat([invert(model, schedule, image[c.frames[0]:c.frames[-1] + 1], src_entry, neg_entry, settings,
+                              progress) for c in parts])
     return InversionResult(
         schedule=schedule, arch=arch, settings=settings, latent_shape=tuple(latent_samples.shape),
         trajectory=[t.float().cpu() for t in out.trajectory],
         inversion_latents=[t.float().cpu() for t in out.inversion_latents],
         null_embeddings=out.null_embeddings, source_conditioning=source_positive, negative_conditioning=negative,
         weights_fingerprint=arch.weights_fingerprint(model), latent_fingerprint=latent_fingerprint(latent_samples),
-        inner_iterations=list(out.inner_iterations))
+        inner_iterations=list(out.inner_iterations), recording=recording)
 
 
 def invert_latent(model, latent, source_positive, negative, settings: InversionSettings, vae=None, progress=None,

@@ -7,6 +7,8 @@ With an inversion the source row follows its trajectory (the real photo); withou
 from __future__ import annotations
 
 import logging
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -15,8 +17,8 @@ from .arch import inspect_model
 from .attention_patch import RunMode, SwapRun, patch_model
 from .errors import PhotoswapInputError
 from .evaluator import DirectEvaluator
-from .sampling import SamplingPlan, sample
-from .trace import AttentionStore, SourceTrace, TraceKey
+from .sampling import SamplingPlan, flow_inversion_sampler, sample
+from .trace import AttentionStore, SourceTrace, TensorKind, TraceKey
 
 log = logging.getLogger("photoswap")
 
@@ -120,8 +122,6 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
                  storage="auto", callback=None) -> SourceTrace:
     """Run the source pass and build a SourceTrace (real image: trajectory given; synthetic: start latent given).
     Latents are model-space latents (`trajectory_vp`, `start_latent_vp`)."""
-    import comfy.model_management as mm
-
     arch = inspect_model(model)
     src_entry = arch.prompt_entry(model, source_positive, "source_positive")
     neg_entry = arch.prompt_entry(model, negative, "negative")
@@ -150,6 +150,15 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
                negative, cfg, callback)
     if trajectory_vp is None:
         trajectory_vp = [start_latent_vp.float().cpu()] + [g.cpu() for g in plan.generated_vp]
+    return _trace(model, arch, recorder, schedule, shape, trajectory_vp, null_embeddings, source_positive, negative,
+                  cfg, method, fraction, record_self_maps, plan.source_steps_out if needs_pass else None, device)
+
+
+def _trace(model, arch, recorder, schedule, shape, trajectory_vp, null_embeddings, source_positive, negative, cfg,
+           method, fraction, record_self_maps, source_steps, device) -> SourceTrace:
+    """The SourceTrace of a finished source pass (its copies to the host landed)."""
+    import comfy.model_management as mm
+
     trace = SourceTrace(
         schedule=schedule, arch=arch, latent_shape=shape, trajectory=[t.detach().float().cpu() for t in trajectory_vp],
         null_embeddings=null_embeddings.detach().float().cpu(), source_conditioning=source_positive,
@@ -159,11 +168,125 @@ def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_
         blend_maps=[m.cpu() if m is not None else None for m in recorder.blend_maps], blend_grid=recorder.blend_grid,
         store=recorder.store, self_maps_recorded=record_self_maps and recorder.store is not None,
         dropped_reason=recorder.dropped_reason,
-        source_steps_k=[c.detach().cpu() for c in plan.source_steps_out] if needs_pass else None)
+        source_steps_k=[c.detach().cpu() for c in source_steps] if source_steps is not None else None)
     if recorder.store is not None:
         recorder.store.wait_for_copies(device)
     mm.soft_empty_cache()
     return trace
+
+
+# ---- the source pass recorded during a flow inversion ----------------------------------------------------------------
+@dataclass
+class InversionRecording:
+    """What a flow inversion recorded of the source pass on its way (the widest windows, no self maps): steps 1 … N−1
+    of the trace, for the Recorder to complete with step 0 instead of running the whole pass again."""
+    recorder: TraceRecorder
+    source_steps_k: list  # per step the source's own step result (sampler space); None at step 0
+    source_conditioning: list
+    model: weakref.ref  # the ModelPatcher it was recorded with: the Recorder reuses it only for that very object
+
+
+def invert_flow(model, source_positive, negative, schedule, image_vp, cfg, solver="euler", progress=None):
+    """The flow-ODE inversion of a model-space image latent as one sampler pass (`flow_inversion_sampler`), recording
+    the source pass's steps 1 … N−1 on the way. Returns (N+1 inversion latents, image first; InversionRecording)."""
+    arch = inspect_model(model)
+    src_entry = arch.prompt_entry(model, source_positive, "source_positive")
+    neg_entry = arch.prompt_entry(model, negative, "negative")
+    shape = tuple(image_vp.shape)
+    evaluator = DirectEvaluator(model, shape, arch=arch)
+    device = evaluator.device
+    n = schedule.steps
+    ctx = evaluator.model_kwargs(neg_entry)["c_crossattn"].float()
+    windows = swap_rules.recorded_windows(1.0)
+    recorder = TraceRecorder(n, windows, False, device)
+    run = SwapRun(arch, RunMode.RECORD, n, windows, null_embeddings=ctx.unsqueeze(0).expand(n, *ctx.shape).to(device),
+                  recorder=recorder, source_kwargs=evaluator.model_kwargs(src_entry),
+                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)), frame_ids=tuple(range(shape[0])))
+    plan = SamplingPlan(scales=arch.sampler_scales(schedule.sigmas), image_k=image_vp.to(device, torch.float32),
+                        solver=solver, progress=progress)
+    sample(patch_model(model, run), run, plan, arch.to_latent(image_vp.cpu()), schedule.sigmas, source_positive,
+           negative, cfg, function=flow_inversion_sampler)
+    if recorder.store is not None:
+        recorder.store.wait_for_copies(device)
+    recording = InversionRecording(recorder=recorder, source_steps_k=plan.source_steps_out,
+                                   source_conditioning=source_positive, model=weakref.ref(model))
+    return plan.inversion_out, recording
+
+
+def _same_conditioning(a, b) -> bool:
+    """Two CONDITIONINGs that give the model the same inputs (the same object, or equal tensors and options)."""
+    if a is b:
+        return True
+    try:
+        ((ta, oa),), ((tb, ob),) = a, b
+        if ta.shape != tb.shape or not torch.equal(ta, tb) or set(oa) != set(ob):
+            return False
+        for key, va in oa.items():
+            vb = ob[key]
+            if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+                if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+                        and torch.equal(va, vb)):
+                    return False
+            elif va is not vb and va != vb:
+                return False
+        return True
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def reusable_recording(inversion, model, source_positive, fraction, record_self_maps) -> InversionRecording | None:
+    """The inversion's recording when the Recorder may complete it instead of running the pass: the same MODEL object
+    and source prompt, a trace wanted (fraction > 0) without self maps, and nothing dropped while recording."""
+    rec = getattr(inversion, "recording", None)
+    if rec is None or rec.recorder.store is None or fraction <= 0 or record_self_maps:
+        return None
+    if rec.model() is not model or not _same_conditioning(rec.source_conditioning, source_positive):
+        return None
+    return rec
+
+
+def _recorded_within(key: TraceKey, steps: int, windows) -> bool:
+    """Whether a recorder with `windows` stores `key` (the record rules of `record_self`, `record_cross` and
+    `JointSwap.record`): a recording of wider windows is cut down to a narrower one by this."""
+    if key.step is None:
+        return True
+    if key.kind is TensorKind.SELF_OUT:
+        return swap_rules.output_swap_active(key.step, steps, windows)
+    if key.kind in (TensorKind.SELF_Q, TensorKind.SELF_K):
+        return swap_rules.map_swap_active(key.step, steps, windows)
+    return swap_rules.cross_swap_active(key.step, steps, windows)
+
+
+def complete_recording(model, inversion, recording: InversionRecording, source_positive, negative, *, fraction=1.0,
+                       budget_bytes=None, storage="auto", callback=None) -> SourceTrace:
+    """The trace of an inversion that recorded steps 1 … N−1: those tensors (cut to `fraction`'s windows) plus step 0
+    (at z_T) recorded here, one model call; equal to a full source pass's trace."""
+    arch = inspect_model(model)
+    schedule, n = inversion.schedule, inversion.schedule.steps
+    src_entry = arch.prompt_entry(model, source_positive, "source_positive")
+    neg_entry = arch.prompt_entry(model, negative, "negative")
+    shape = tuple(inversion.trajectory[0].shape)
+    evaluator = DirectEvaluator(model, shape, arch=arch)
+    device = evaluator.device
+    windows = swap_rules.recorded_windows(fraction)
+    recorder = TraceRecorder(n, windows, False, device, budget_bytes, storage)
+    if recorder.store is not None:
+        for key, tensor in recording.recorder.store.tensors.items():
+            if _recorded_within(key, n, windows):
+                recorder.put(key, tensor)
+    recorder.blend_maps = list(recording.recorder.blend_maps)
+    recorder.blend_grid = recording.recorder.blend_grid
+    nulls = inversion.null_embeddings
+    run = SwapRun(arch, RunMode.RECORD, n, windows, null_embeddings=nulls.to(device), recorder=recorder,
+                  source_kwargs=evaluator.model_kwargs(src_entry),
+                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)), frame_ids=tuple(range(shape[0])))
+    plan = SamplingPlan(scales=arch.sampler_scales(schedule.sigmas))
+    plan.trajectory_k = [t.to(device, torch.float32) * plan.scales[i] for i, t in enumerate(inversion.trajectory[:2])]
+    sample(patch_model(model, run), run, plan, arch.to_latent(plan.trajectory_k[0].cpu()), schedule.sigmas[:2],
+           source_positive, negative, inversion.settings.cfg, callback)
+    steps = plan.source_steps_out[:1] + list(recording.source_steps_k[1:])
+    return _trace(model, arch, recorder, schedule, shape, inversion.trajectory, nulls, source_positive, negative,
+                  inversion.settings.cfg, inversion.settings.method, fraction, False, steps, device)
 
 
 def record_clip(model, source_positive, negative, schedule, cfg, *, trajectory_vp=None, start_latent_vp=None,
@@ -202,6 +325,11 @@ def record_source(model, source_positive, negative, *, inversion=None, latent=No
     if inversion is not None:
         arch.check_same_model(model, inversion.arch, inversion.weights_fingerprint, "inversion", "the inversion",
                               "connect the same MODEL (same checkpoint and LoRAs) to the inversion and the Recorder")
+        recording = reusable_recording(inversion, model, source_positive, fraction, record_self_maps)
+        if recording is not None:
+            trace = complete_recording(model, inversion, recording, source_positive, negative, fraction=fraction,
+                                       budget_bytes=budget, storage=storage, callback=callback)
+            return trace, {"samples": arch.to_latent(trace.trajectory[-1])}
         trace = record_clip(model, source_positive, negative, inversion.schedule, inversion.settings.cfg,
                             trajectory_vp=inversion.trajectory, null_embeddings=inversion.null_embeddings,
                             method=inversion.settings.method, **options)

@@ -69,7 +69,9 @@ def test_benchmark_documents_match_the_results():
 @pytest.mark.integration
 def test_flux_bench_tiny(tmp_path):
     """bench/bench_flux.py on the tiny Flux: every stage runs, and the counted work is what the design says (the
-    inversion and a trace swap are one pass each, one model row per step; lockstep is two rows per step)."""
+    inversion and a trace swap are one pass each, one model row per step; the Recorder completes the inversion's
+    recording with one call; lockstep is two rows per step; the midpoint inversion two calls per step and a closer
+    unpinned round trip)."""
     out = tmp_path / "flux.json"
     steps = 3
     cmd = [sys.executable, str(REPO_ROOT / "bench" / "bench_flux.py"), "--steps", str(steps), "--json", str(out)]
@@ -79,9 +81,12 @@ def test_flux_bench_tiny(tmp_path):
     print("\n" + proc.stdout)
     stages = json.loads(out.read_text())["stages"]
     assert stages["plain"]["unet_calls"] == steps and stages["plain"]["unet_rows"] == steps  # cfg 1: no uncond row
-    for name in ("inversion_direct", "record", "swap_trace"):
+    for name in ("inversion_direct", "swap_trace"):
         assert stages[name]["unet_rows"] == steps, (name, stages[name])
+    assert stages["record"]["unet_rows"] == 1, stages["record"]
+    assert stages["inversion_midpoint"]["unet_rows"] == 2 * steps, stages["inversion_midpoint"]
+    assert stages["inversion_midpoint"]["round_trip_error"] < stages["inversion_direct"]["round_trip_error"]
     assert stages["swap_lockstep"]["unet_rows"] == 2 * steps, stages["swap_lockstep"]
-    assert stages["e2e"]["unet_rows"] == 3 * steps, stages["e2e"]
+    assert stages["e2e"]["unet_rows"] == 2 * steps + 1, stages["e2e"]
     for name, stage in stages.items():
         assert stage["seconds"] > 0 and stage["ratio"] > 0, (name, stage)

@@ -472,3 +472,151 @@ def test_flux_inversion_file_round_trip(tf, pair, inversion, tmp_path):
     assert torch.equal(a, b["samples"])
     options, saved = inversion.source_conditioning[0][1], loaded.source_conditioning[0][1]
     assert set(saved) == set(options) and torch.equal(saved["pooled_output"], options["pooled_output"])
+
+
+# ------------------------------------------------------------------- the inversion records the source pass
+
+def _calls(tf):
+    """A forward pre-hook counting the diffusion model's calls (closed by the caller)."""
+    class Count:
+        n = 0
+
+    count = Count()
+
+    def hook(module, args, kwargs):
+        count.n += 1
+
+    count.handle = tf.model.model.diffusion_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return count
+
+
+def _full_pass(tf, pair, inversion, **options):
+    """The Recorder's own whole source pass over `inversion` (its recording withheld)."""
+    import dataclasses
+
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    source, _, negative, _ = pair
+    with torch.inference_mode():
+        return record_source(tf.model, source, negative, inversion=dataclasses.replace(inversion, recording=None),
+                             **options)[0]
+
+
+def _assert_same_trace(a, b):
+    assert a.store is not None and b.store is not None
+    assert set(a.store.tensors) == set(b.store.tensors) and a.store.nbytes == b.store.nbytes
+    for key, tensor in a.store.tensors.items():
+        assert torch.equal(tensor, b.store.tensors[key]), key
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a.blend_maps, b.blend_maps))
+    assert a.blend_grid == b.blend_grid and a.record_fraction == b.record_fraction
+    assert all(torch.equal(x, y) for x, y in zip(a.source_steps_k, b.source_steps_k))
+    assert len(a.source_steps_k) == len(b.source_steps_k) == a.steps
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_the_inversions_recording_completed_by_the_recorder_equals_a_whole_source_pass(tf, pair, inversion,
+                                                                                      fraction):
+    """Euler evaluates v at the current point, so the inversion's calls 1 … N−1 are the source pass's steps N−1 … 1:
+    recorded on the way, the Recorder only adds step 0 (one call) and the trace is bit for bit the whole pass's,
+    cut to narrower windows where the Recorder records less."""
+    from comfyui_photoswap.photoswap_core.recorder import record_source
+
+    source, _, negative, _ = pair
+    count = _calls(tf)
+    try:
+        with torch.inference_mode():
+            reused = record_source(tf.model, source, negative, inversion=inversion, fraction=fraction)[0]
+        calls = count.n
+    finally:
+        count.handle.remove()
+    assert calls == 1
+    _assert_same_trace(reused, _full_pass(tf, pair, inversion, fraction=fraction))
+    windows = _windows(*EVERY) if fraction == 1.0 else _windows(0.2, 0.3, 0.5)
+    full = _full_pass(tf, pair, inversion, fraction=fraction)
+    for lockstep in (False, True):
+        a = _swap(tf, reused, pair, windows, lockstep=lockstep)
+        b = _swap(tf, full, pair, windows, lockstep=lockstep)
+        assert torch.equal(a[0], b[0])
+
+
+def test_the_recording_is_reused_only_where_it_is_the_same_pass(tf, pair, inversion):
+    """Another MODEL object (a clone may carry other patches), another source prompt, self maps (never recorded
+    on the way) or fraction 0 (lockstep) ⇒ the Recorder runs its own pass."""
+    from comfyui_photoswap.photoswap_core.recorder import reusable_recording
+
+    source, _, negative, _ = pair
+    assert reusable_recording(inversion, tf.model, source, 1.0, False) is inversion.recording
+    assert reusable_recording(inversion, tf.model.clone(), source, 1.0, False) is None
+    other = _encode(tf, "a photo of a dog on a sofa")
+    assert reusable_recording(inversion, tf.model, other, 1.0, False) is None
+    assert reusable_recording(inversion, tf.model, source, 1.0, True) is None
+    assert reusable_recording(inversion, tf.model, source, 0.0, False) is None
+    same_values = [[source[0][0].clone(), dict(source[0][1])]]
+    assert reusable_recording(inversion, tf.model, same_values, 1.0, False) is inversion.recording
+    count = _calls(tf)
+    try:
+        from comfyui_photoswap.photoswap_core.recorder import record_source
+
+        with torch.inference_mode():
+            record_source(tf.model, source, negative, inversion=inversion, record_self_maps=True)
+        assert count.n == STEPS
+    finally:
+        count.handle.remove()
+
+
+def _ode_sample(tf, z_t, source, sigmas, solver):
+    """The flow ODE from z_T to σ = 0 without any pinning (Euler, or the midpoint step), written here."""
+    from comfyui_photoswap.photoswap_core.evaluator import DirectEvaluator
+
+    ev = DirectEvaluator(tf.model, z_t.shape)
+    kw = ev.model_kwargs(ev.arch.prompt_entry(tf.model, source, "s"))
+    v = lambda x, s: ev.eps(x, s, kw["c_crossattn"], kw.get("y"), guidance=kw["guidance"])  # noqa: E731
+    x = z_t.clone()
+    for a, b in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        if solver == "euler":
+            x = x + (b - a) * v(x, a)
+        else:
+            m = 0.5 * (a + b)
+            x = x + (b - a) * v(x + (m - a) * v(x, a), m)
+    return x
+
+
+def test_midpoint_inversion_is_second_order(tf, pair):
+    """Unpinned round trip (inversion, then the same solver back to σ = 0) against the photo: the midpoint step's
+    error falls about 4× per doubling of the steps, Euler's about 2×, and midpoint is the closer at equal steps;
+    it costs two calls per step."""
+    from comfyui_photoswap.photoswap_core.inversion import InversionSettings, run_inversion
+
+    source, _, negative, _ = pair
+    x0 = _image_latent()
+    errors, calls = {}, {}
+    for solver in ("euler", "midpoint"):
+        for steps in (8, 16):
+            count = _calls(tf)
+            try:
+                with torch.inference_mode():
+                    inv = run_inversion(tf.model, x0, source, negative,
+                                        InversionSettings(method="direct", steps=steps, cfg=1.0, solver=solver))
+                    back = _ode_sample(tf, inv.z_t, source, inv.schedule.sigmas, solver)
+            finally:
+                count.handle.remove()
+            calls[solver, steps] = count.n
+            errors[solver, steps] = float((back - inv.trajectory[-1]).abs().max())
+    assert calls[("euler", 8)] - 8 == 8 and calls[("midpoint", 8)] - 16 == 16  # inversion + the test's sampling
+    assert errors["midpoint", 8] < 0.5 * errors["euler", 8], errors
+    assert errors["euler", 8] / errors["euler", 16] < 2.8, errors
+    assert errors["midpoint", 8] / errors["midpoint", 16] > 3.0, errors
+
+
+def test_a_solver_the_family_does_not_have_is_refused(tf, pair, tiny_sd15):
+    from comfyui_photoswap.photoswap_core.errors import PhotoswapInputError
+    from comfyui_photoswap.photoswap_core.inversion import InversionSettings, run_inversion
+
+    source, _, negative, _ = pair
+    with pytest.raises(PhotoswapInputError, match="'solver'.*pick a listed solver"):
+        run_inversion(tf.model, _image_latent(), source, negative,
+                      InversionSettings(method="direct", steps=4, cfg=1.0, solver="rk4"))
+    src, neg = (_sd_encode(tiny_sd15, t) for t in ("a photo of a cat", ""))
+    with pytest.raises(PhotoswapInputError, match="set solver to 'euler'"):
+        run_inversion(tiny_sd15.model, torch.zeros(1, 4, 8, 8), src, neg,
+                      InversionSettings(method="direct", steps=4, cfg=7.5, solver="midpoint"))

@@ -454,11 +454,12 @@ def test_nodes_registered_with_schema(pack, N):
     inv_schema = N.PhotoswapNullTextInversion.define_schema()
     assert [i.id for i in inv_schema.inputs] == ["model", "latent", "source_positive", "negative", "steps", "cfg",
                                                  "method", "inner_iterations", "early_stop_epsilon", "learning_rate",
-                                                 "vae", "frame_options"]
+                                                 "solver", "vae", "frame_options"]
     defaults = {i.id: getattr(i, "default", None) for i in inv_schema.inputs}
     assert defaults["steps"] == 50 and defaults["cfg"] == 7.5 and defaults["method"] == "null_text"
     assert defaults["inner_iterations"] == 10 and defaults["early_stop_epsilon"] == 1e-5
-    assert defaults["learning_rate"] == 1e-2
+    assert defaults["learning_rate"] == 1e-2 and defaults["solver"] == "euler"
+    assert next(i for i in inv_schema.inputs if i.id == "solver").optional  # API graphs without it keep running
     assert [o.display_name for o in inv_schema.outputs] == ["inversion", "z_T", "sigmas", "reconstruction"]
     assert N.PhotoswapSaveInversion.define_schema().is_output_node
 

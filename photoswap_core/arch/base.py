@@ -129,6 +129,19 @@ class Architecture:
         """Refuse an inversion method (None: not an inversion) or a cfg this family cannot honour; the SD family
         honours every method and cfg."""
 
+    # the inversion runs through ComfyUI's sampler as one pass that also records the source pass (flow models);
+    # False: the DDIM inversion of `inversion.invert`, evaluated directly
+    inverts_as_a_sampler_pass: bool = False
+
+    def check_solver(self, solver: str) -> None:
+        """Refuse an inversion ODE step this family does not have: the SD family inverts with DDIM ("euler": Euler
+        over the DDIM sigmas is DDIM), the reference's; only flow models offer a second-order step."""
+        if solver != "euler":
+            raise PhotoswapInputError(
+                "solver", f"'euler' on {self.describe()} (got {solver!r}: the SD-family inversion is DDIM, as the "
+                          "reference runs it; the midpoint solver is for rectified-flow models such as Flux)",
+                "set solver to 'euler'")
+
     # ---- text --------------------------------------------------------------------------------------------------
     def prompt_entry(self, model, conditioning, input_name: str):
         """The single (tensor, options) entry of a CONDITIONING, checked against this family's text context."""

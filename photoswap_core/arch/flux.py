@@ -139,6 +139,11 @@ class FluxDiT(Architecture):
         if abs(float(cfg) - 1.0) > 1e-9:
             raise PhotoswapInputError(input_name, f"cfg 1 on Flux (got {cfg:g})", CFG_FIX)
 
+    inverts_as_a_sampler_pass = True  # `recorder.invert_flow`: the inversion records the source pass on its way
+
+    def check_solver(self, solver: str) -> None:
+        """Flux takes every solver of `inversion.SOLVERS` (the list is checked there)."""
+
     # ---- text --------------------------------------------------------------------------------------------------
     def prompt_entry(self, model, conditioning, input_name: str):
         tensor, options = single_conditioning(conditioning, input_name)
