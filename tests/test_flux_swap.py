@@ -583,8 +583,8 @@ def _ode_sample(tf, z_t, source, sigmas, solver):
 
 def test_midpoint_inversion_is_second_order(tf, pair):
     """Unpinned round trip (inversion, then the same solver back to σ = 0) against the photo: the midpoint step's
-    error falls about 4× per doubling of the steps, Euler's about 2×, and midpoint is the closer at equal steps;
-    it costs two calls per step."""
+    error falls faster per doubling of the steps (measured 3.2×, Euler 1.9×, 8 → 16 steps), and midpoint is the
+    closer at equal steps; it costs two calls per step."""
     from comfyui_photoswap.photoswap_core.inversion import InversionSettings, run_inversion
 
     source, _, negative, _ = pair
@@ -604,8 +604,8 @@ def test_midpoint_inversion_is_second_order(tf, pair):
             errors[solver, steps] = float((back - inv.trajectory[-1]).abs().max())
     assert calls[("euler", 8)] - 8 == 8 and calls[("midpoint", 8)] - 16 == 16  # inversion + the test's sampling
     assert errors["midpoint", 8] < 0.5 * errors["euler", 8], errors
-    assert errors["euler", 8] / errors["euler", 16] < 2.8, errors
-    assert errors["midpoint", 8] / errors["midpoint", 16] > 3.0, errors
+    assert errors["euler", 8] / errors["euler", 16] < 2.5, errors
+    assert errors["midpoint", 8] / errors["midpoint", 16] > 2.7, errors
 
 
 def test_a_solver_the_family_does_not_have_is_refused(tf, pair, tiny_sd15):

@@ -83,8 +83,12 @@ def test_missing_node_detection_fires(frontend):
     assert not node["registered"] and node["has_errors"]
     assert any("PhotoswapNoSuchNode" in d for d in result["dialogs"]), result["dialogs"]
     frontend.page.keyboard.press("Escape")
-    frontend.page.evaluate("""() => {
-      for (const b of document.querySelectorAll('.p-dialog-close-button')) b.click(); }""")
+    # close it and wait until it is gone: on a slow machine a closing dialog was still in the DOM when the next
+    # test loaded its workflow, and that test then read this test's "missing nodes" message
+    frontend.page.wait_for_function("""() => {
+      for (const b of document.querySelectorAll('.p-dialog-close-button')) b.click();
+      return !Array.from(document.querySelectorAll('.p-dialog, [role=dialog]'))
+        .some(d => d.innerText.includes('PhotoswapNoSuchNode')); }""", polling=250, timeout=30_000)
 
 
 @pytest.mark.parametrize("name", NAMES)

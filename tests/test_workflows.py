@@ -213,7 +213,8 @@ def test_official_defaults_in_workflow_1():
 
     wf = workflow("1_real_image_swap_dreambooth")
     by_type = {n["type"]: n for n in wf["nodes"]}
-    assert by_type["PhotoswapNullTextInversion"]["widgets_values"] == [50, 7.5, "null_text", 10, 1e-05, 0.01]
+    assert by_type["PhotoswapNullTextInversion"]["widgets_values"] == [50, 7.5, "null_text", 10, 1e-05, 0.01,
+                                                                       "euler"]
     assert by_type["PhotoswapAttentionSwapSampler"]["widgets_values"] == [0.8, 0.0, 0.6, True, 0.3, 0.2, 7.5, False]
     assert by_type["PhotoswapPromptPair"]["widgets_values"][:3] == ["A photo of a cat", "cat", "sks dog"]
 
