@@ -331,11 +331,9 @@ def run_inversion(model, latent_samples, source_positive, negative, settings: In
     if arch.inverts_as_a_sampler_pass:
         from .recorder import invert_flow
 
-        latents, recording = invert_flow(model, source_positive, negative, schedule, image, settings.cfg,
-                                         settings.solver, progress)
-        null_ctx = DirectEvaluator(model, image.shape, arch=arch).model_kwargs(neg_entry)["c_crossattn"].float()
-        out = InversionOutput(inversion_latents=latents, trajectory=list(reversed(latents)),
-                              null_embeddings=null_ctx.unsqueeze(0).expand(settings.steps, *null_ctx.shape).cpu())
+        latents, nulls, recording = invert_flow(model, source_positive, negative, schedule, image, settings.cfg,
+                                                settings.solver, progress)
+        out = InversionOutput(inversion_latents=latents, trajectory=list(reversed(latents)), null_embeddings=nulls)
     else:
         parts = frames.plan(model, image.shape[0], image.shape, frames_per_batch, rows_per_frame=1)
         out = _concat([invert(model, schedule, image[c.frames[0]:c.frames[-1] + 1], src_entry, neg_entry, settings,

@@ -117,26 +117,35 @@ def y_only(kwargs: dict) -> dict:
     return {"y": kwargs["y"]} if "y" in kwargs else {}
 
 
+def _source_run(model, arch, source_positive, negative, shape, steps, windows, recorder, null_embeddings=None):
+    """(SwapRun in RECORD mode for the source row, its null embeddings [N, 1, T, C], compute device): the one setup of
+    every source pass (the Recorder's, the flow inversion's, the completion of its recording). Nulls default to the
+    negative's embedding at every step."""
+    evaluator = DirectEvaluator(model, shape, arch=arch)
+    src_kwargs = evaluator.model_kwargs(arch.prompt_entry(model, source_positive, "source_positive"))
+    neg_kwargs = evaluator.model_kwargs(arch.prompt_entry(model, negative, "negative"))
+    if null_embeddings is None:
+        ctx = neg_kwargs["c_crossattn"].float()
+        null_embeddings = ctx.unsqueeze(0).expand(steps, *ctx.shape).clone()
+    run = SwapRun(arch, RunMode.RECORD, steps, windows, null_embeddings=null_embeddings.to(evaluator.device),
+                  recorder=recorder, source_kwargs=src_kwargs, uncond_kwargs=y_only(neg_kwargs),
+                  frame_ids=tuple(range(shape[0])))
+    return run, null_embeddings, evaluator.device
+
+
 def record_trace(model, source_positive, negative, schedule, cfg, *, trajectory_vp=None, start_latent_vp=None,
                  null_embeddings=None, method="synthetic", fraction=1.0, record_self_maps=False, budget_bytes=None,
                  storage="auto", callback=None) -> SourceTrace:
     """Run the source pass and build a SourceTrace (real image: trajectory given; synthetic: start latent given).
     Latents are model-space latents (`trajectory_vp`, `start_latent_vp`)."""
     arch = inspect_model(model)
-    src_entry = arch.prompt_entry(model, source_positive, "source_positive")
-    neg_entry = arch.prompt_entry(model, negative, "negative")
     shape = tuple((trajectory_vp[0] if trajectory_vp is not None else start_latent_vp).shape)
-    evaluator = DirectEvaluator(model, shape, arch=arch)
-    device = evaluator.device
     n = schedule.steps
-    if null_embeddings is None:
-        ctx = evaluator.model_kwargs(neg_entry)["c_crossattn"].float()
-        null_embeddings = ctx.unsqueeze(0).expand(n, *ctx.shape).clone()
     windows = swap_rules.recorded_windows(fraction)
-    recorder = TraceRecorder(n, windows, record_self_maps, device, 0 if fraction <= 0 else budget_bytes, storage)
-    run = SwapRun(arch, RunMode.RECORD, n, windows, null_embeddings=null_embeddings.to(device), recorder=recorder,
-                  source_kwargs=evaluator.model_kwargs(src_entry),
-                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)), frame_ids=tuple(range(shape[0])))
+    recorder = TraceRecorder(n, windows, record_self_maps, model.load_device, 0 if fraction <= 0 else budget_bytes,
+                             storage)
+    run, null_embeddings, device = _source_run(model, arch, source_positive, negative, shape, n, windows, recorder,
+                                               null_embeddings)
     plan = SamplingPlan(scales=arch.sampler_scales(schedule.sigmas))
     if trajectory_vp is not None:
         plan.trajectory_k = [t.to(device, torch.float32) * plan.scales[i] for i, t in enumerate(trajectory_vp)]
@@ -188,20 +197,14 @@ class InversionRecording:
 
 def invert_flow(model, source_positive, negative, schedule, image_vp, cfg, solver="euler", progress=None):
     """The flow-ODE inversion of a model-space image latent as one sampler pass (`flow_inversion_sampler`), recording
-    the source pass's steps 1 … N−1 on the way. Returns (N+1 inversion latents, image first; InversionRecording)."""
+    the source pass's steps 1 … N−1 on the way. Returns (N+1 inversion latents, image first; the null embeddings
+    [N, 1, T, C]; InversionRecording)."""
     arch = inspect_model(model)
-    src_entry = arch.prompt_entry(model, source_positive, "source_positive")
-    neg_entry = arch.prompt_entry(model, negative, "negative")
-    shape = tuple(image_vp.shape)
-    evaluator = DirectEvaluator(model, shape, arch=arch)
-    device = evaluator.device
     n = schedule.steps
-    ctx = evaluator.model_kwargs(neg_entry)["c_crossattn"].float()
     windows = swap_rules.recorded_windows(1.0)
-    recorder = TraceRecorder(n, windows, False, device)
-    run = SwapRun(arch, RunMode.RECORD, n, windows, null_embeddings=ctx.unsqueeze(0).expand(n, *ctx.shape).to(device),
-                  recorder=recorder, source_kwargs=evaluator.model_kwargs(src_entry),
-                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)), frame_ids=tuple(range(shape[0])))
+    recorder = TraceRecorder(n, windows, False, model.load_device)
+    run, nulls, device = _source_run(model, arch, source_positive, negative, tuple(image_vp.shape), n, windows,
+                                     recorder)
     plan = SamplingPlan(scales=arch.sampler_scales(schedule.sigmas), image_k=image_vp.to(device, torch.float32),
                         solver=solver, progress=progress)
     sample(patch_model(model, run), run, plan, arch.to_latent(image_vp.cpu()), schedule.sigmas, source_positive,
@@ -210,7 +213,7 @@ def invert_flow(model, source_positive, negative, schedule, image_vp, cfg, solve
         recorder.store.wait_for_copies(device)
     recording = InversionRecording(recorder=recorder, source_steps_k=plan.source_steps_out,
                                    source_conditioning=source_positive, model=weakref.ref(model))
-    return plan.inversion_out, recording
+    return plan.inversion_out, nulls.cpu(), recording
 
 
 def _same_conditioning(a, b) -> bool:
@@ -263,23 +266,17 @@ def complete_recording(model, inversion, recording: InversionRecording, source_p
     (at z_T) recorded here, one model call; equal to a full source pass's trace."""
     arch = inspect_model(model)
     schedule, n = inversion.schedule, inversion.schedule.steps
-    src_entry = arch.prompt_entry(model, source_positive, "source_positive")
-    neg_entry = arch.prompt_entry(model, negative, "negative")
     shape = tuple(inversion.trajectory[0].shape)
-    evaluator = DirectEvaluator(model, shape, arch=arch)
-    device = evaluator.device
     windows = swap_rules.recorded_windows(fraction)
-    recorder = TraceRecorder(n, windows, False, device, budget_bytes, storage)
+    recorder = TraceRecorder(n, windows, False, model.load_device, budget_bytes, storage)
     if recorder.store is not None:
         for key, tensor in recording.recorder.store.tensors.items():
             if _recorded_within(key, n, windows):
                 recorder.put(key, tensor)
     recorder.blend_maps = list(recording.recorder.blend_maps)
     recorder.blend_grid = recording.recorder.blend_grid
-    nulls = inversion.null_embeddings
-    run = SwapRun(arch, RunMode.RECORD, n, windows, null_embeddings=nulls.to(device), recorder=recorder,
-                  source_kwargs=evaluator.model_kwargs(src_entry),
-                  uncond_kwargs=y_only(evaluator.model_kwargs(neg_entry)), frame_ids=tuple(range(shape[0])))
+    run, nulls, device = _source_run(model, arch, source_positive, negative, shape, n, windows, recorder,
+                                     inversion.null_embeddings)
     plan = SamplingPlan(scales=arch.sampler_scales(schedule.sigmas))
     plan.trajectory_k = [t.to(device, torch.float32) * plan.scales[i] for i, t in enumerate(inversion.trajectory[:2])]
     sample(patch_model(model, run), run, plan, arch.to_latent(plan.trajectory_k[0].cpu()), schedule.sigmas[:2],
