@@ -91,10 +91,11 @@ def test_frame_attention_off_equals_each_frame_alone_null_text(tiny_sd15):
     for f in range(2):
         assert torch.equal(clip.target[f], singles[f].target[0]), f
     # all frames in one batch (the DDIM inversion batched): the same up to the kernels' batch variance, which the
-    # optimisation (Adam steps, early stops) amplifies further (measured 1.1e-4)
+    # optimisation (Adam steps, early stops) amplifies further (measured 1.1e-4 on an AMD EPYC, 6.2e-4 on an Intel
+    # Xeon, both 2 threads)
     batched = _swap_clip(tiny_sd15, _clip_trace(tiny_sd15, x0, method="null_text"), "off")
     for f in range(2):
-        _batch_close(batched.target[f], singles[f].target[0], tol=3e-4)
+        _batch_close(batched.target[f], singles[f].target[0], tol=2e-3)
 
 
 def test_frame_attention_changes_distinct_frames_but_never_the_first(tiny_sd15, clip3):

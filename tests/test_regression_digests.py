@@ -5,14 +5,18 @@ an inversion and synthetic), the Swap Sampler (recorded trace and lockstep, ever
 and the Attention Preview, and compares each output with `tests/data/regression_digests.json`. The concept sources
 are pinned the same way in tests/test_concept.py (they need the full-size fixtures built there).
 
-On the machine that wrote the file (same torch, CPU capability and thread count) every tensor must be bit-identical:
-a refactor that claims "no behaviour change" must not move a single bit. Outputs may gain fields (a new feature adds
-one); every field the file records must stay as it is. Elsewhere (another CPU rounds differently, and the null-text
-optimisation and the 4-step inversions amplify that: up to 0.4% of a tensor's L1 norm between an AVX512 and a later CI
-CPU) each tensor's sum and L1 norm must stay within LOOSE of its L1 norm, numbers inside text within LOOSE relative,
-and hashes of float data (fingerprints, file digests) are not compared: a sanity pin, the bit-for-bit run is the real
-one. Rewrite the file, after checking why the outputs changed, with
-`PHOTOSWAP_UPDATE_DIGESTS=1 bash scripts/test.sh -k regression_digests`.
+On the machine that wrote the file (same torch, CPU capability, CPU model, thread count and MKL_CBWR) every tensor
+must be bit-identical: a refactor that claims "no behaviour change" must not move a single bit. That needs MKL's
+conditional bitwise reproducibility (`MKL_CBWR`, which scripts/test.sh sets to AUTO): without it, two identical
+null-text runs in one process on a 2-thread Intel Xeon differ by up to 2e-2. Outputs may gain fields (a new feature
+adds one); every field the file records must stay as it is. Elsewhere (another CPU rounds differently) each tensor's
+sum and L1 norm must stay within LOOSE of its L1 norm, numbers inside text within LOOSE relative, and hashes of float
+data (fingerprints, file digests) are not compared: a sanity pin, the bit-for-bit run is the real one. Outputs
+downstream of the null-text optimisation get NULL_TEXT_LOOSE instead: its first Adam steps move each null-embedding
+component by about lr·sign(gradient), so a gradient component near zero flips with float noise, and the 4-step tiny
+SD2-v chain amplifies that to 4.6 % of a tensor's L1 norm between an AMD EPYC and an Intel Xeon (both AVX512, 2
+threads; CI on 2026-12-02), while every other output stays within 0.4 %. Rewrite the file, after checking why the
+outputs changed, with `PHOTOSWAP_UPDATE_DIGESTS=1 bash scripts/test.sh -k regression_digests`.
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ DIGESTS = Path(__file__).resolve().parent / "data" / "regression_digests.json"
 UPDATE = os.environ.get("PHOTOSWAP_UPDATE_DIGESTS") == "1"
 STEPS = 4
 LOOSE = 1e-2  # off the recording machine: allowed drift, as a fraction of a tensor's L1 norm (see the docstring)
+NULL_TEXT_LOOSE = 1e-1  # the same for outputs downstream of the null-text optimisation (see the docstring)
+NULL_TEXT_DERIVED = re.compile(
+    r"\.(?:inversion\.null_text|recorder\.null_text|sampler\.null_text|load_inversion|preview)\b")
 HASH = re.compile(r"[0-9a-f]{16,64}")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 H, W = 6, 8  # latent rows/columns: 48×64 px, non-square
@@ -55,7 +62,7 @@ def machine() -> str:
     except OSError:
         pass
     return (f"torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}; {cpu}; "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads; MKL_CBWR={os.environ.get('MKL_CBWR', 'unset')}")
 
 
 def digest(value):
@@ -88,7 +95,7 @@ def compare(expected, actual, path, exact, problems):
             scale = max(expected["abs"], 1e-6)
             for key in ("sum", "abs"):
                 a, b = expected[key], actual[key]
-                if abs(a - b) > LOOSE * scale:
+                if abs(a - b) > tolerance(path) * scale:
                     problems.append(f"{path}.{key}: {a:.9g} -> {b:.9g} (L1 norm {scale:.6g})")
         return
     if isinstance(expected, dict) and isinstance(actual, dict):
@@ -100,21 +107,26 @@ def compare(expected, actual, path, exact, problems):
         for i, (e, a) in enumerate(zip(expected, actual)):
             compare(e, a, f"{path}[{i}]", exact, problems)
     elif isinstance(expected, float) and isinstance(actual, float) and not exact:
-        if not _close(expected, actual):
+        if not _close(expected, actual, tolerance(path)):
             problems.append(f"{path}: {expected!r} -> {actual!r}")
     elif isinstance(expected, str) and isinstance(actual, str) and not exact:
         if HASH.fullmatch(expected) and HASH.fullmatch(actual):
             return  # a hash of float data: only meaningful bit for bit
         numbers = NUMBER.findall(expected), NUMBER.findall(actual)
         if (NUMBER.sub("#", expected) != NUMBER.sub("#", actual) or len(numbers[0]) != len(numbers[1])
-                or not all(_close(float(a), float(b)) for a, b in zip(*numbers))):
+                or not all(_close(float(a), float(b), tolerance(path)) for a, b in zip(*numbers))):
             problems.append(f"{path}: {expected!r} -> {actual!r}")
     elif expected != actual:
         problems.append(f"{path}: {expected!r} -> {actual!r}")
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= LOOSE * max(1e-6, abs(a))
+def tolerance(path: str) -> float:
+    """Allowed relative drift off the recording machine for the output at `path`."""
+    return NULL_TEXT_LOOSE if NULL_TEXT_DERIVED.search(path) else LOOSE
+
+
+def _close(a: float, b: float, tol: float) -> bool:
+    return abs(a - b) <= tol * max(1e-6, abs(a))
 
 
 def run_node(node, **kwargs):
