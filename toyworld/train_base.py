@@ -19,6 +19,7 @@ them): every unknown word, "sks" included, means "nothing" to the base model, an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,12 @@ class Config:
     eval_cfg: float = 7.5
     decoder_steps: int = 1500  # stage 3: the VAE decoder alone, encoder frozen (latents, hence the UNet, unchanged)
     decoder_lr: float = 5e-4
+    # "fp32" or "bf16" (autocast on the CPU, weights stay fp32): on a CPU with AMX, bf16 makes the VAE's convolutions
+    # 1.6x faster but the UNet's small matmuls 2x slower (toyworld/step_cost.py, docs/toyworld_runs/)
+    vae_precision: str = "fp32"
+    unet_precision: str = "fp32"
+    vae_ceiling: float = 0.0  # stop the VAE stage once the detector reads this fraction of reconstructions (0: never)
+    vae_eval_every: int = 100
 
 
 def world_vocab() -> list[int]:
@@ -90,12 +97,53 @@ def vae_batch(rng, n: int):
 
 
 def weighted_loss(y, x, w) -> torch.Tensor:
-    d = y - x
+    d = y.float() - x
     return ((d.abs() + d * d) * w).sum() / (w.sum() * 3)
 
 
+def autocast(precision: str):
+    """The forward passes' precision: fp32, or bf16 autocast on the CPU (oneDNN's AMX / AVX512-BF16 kernels)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise ValueError(f"precision {precision!r}: use fp32 or bf16")
+
+
+def vae_step(vae, opt, x, wmap, precision: str, encoder: bool = True) -> float:
+    """One optimiser step of the reconstruction loss through the posterior mode (deterministic, like ComfyUI's
+    encode), tiny KL; `encoder=False` (stage 3) keeps the latents fixed."""
+    with contextlib.nullcontext() if encoder else torch.no_grad(), autocast(precision):
+        post = vae.encode(x).latent_dist
+        z = post.mode()
+    with autocast(precision):
+        y = vae.decode(z).sample
+    loss = weighted_loss(y, x, wmap)
+    if encoder:
+        loss = loss + 1e-7 * post.kl().float().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def unet_step(unet, text, opt, params, sched, x0, t, noise, ids, precision: str) -> float:
+    """One optimiser step of min-SNR-weighted epsilon prediction, text encoder and UNet together."""
+    xt = sched.add_noise(x0, noise, t)
+    with autocast(precision):
+        ctx = text(ids)[0]
+        eps = unet(xt, t, encoder_hidden_states=ctx).sample
+    loss = (snr_weights(sched.alphas_cumprod, t) * ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
 def train_vae(vae, cfg: Config, log: dict) -> None:
-    """L1 + L2 reconstruction through the posterior mode (deterministic, like ComfyUI's encode), tiny KL.
+    """L1 + L2 reconstruction (vae_step); every vae_eval_every steps the held-out PSNR and the detector on
+    reconstructions (the ceiling generations can reach), stopping early once that reaches cfg.vae_ceiling.
 
     Whole 64 px images: the decoder's GroupNorms remove each group's mean, so absolute colours reach the output
     only through spatial context (the image border, other regions), which crops would cut away."""
@@ -109,22 +157,24 @@ def train_vae(vae, cfg: Config, log: dict) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         x, wmap = vae_batch(rng, cfg.vae_batch)
-        post = vae.encode(x).latent_dist
-        y = vae.decode(post.mode()).sample
-        loss = weighted_loss(y, x, wmap) + 1e-7 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == total:
+        loss = vae_step(vae, opt, x, wmap, cfg.vae_precision)
+        if step % cfg.vae_eval_every == 0 or step == total:
             vae.eval()
             rec = S.decode(vae, S.encode(vae, val))
+            ceiling = reconstruction_readable(vae, cfg)
             vae.train()
             p = float(np.mean([S.psnr(a, b) for a, b in zip(rec, val)]))
-            curve.append({"step": step, "loss": round(loss.item(), 5), "heldout_psnr_db": round(p, 2),
+            curve.append({"step": step, "loss": round(loss, 5), "heldout_psnr_db": round(p, 2),
+                          "readable": {k: round(v, 4) for k, v in ceiling.items()},
                           "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)})
-            print(f"[vae] step {step}/{total} loss {loss.item():.4f} held-out PSNR {p:.2f} dB "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-    log["vae"] = {"curve": curve, "seconds": round(time.time() - t0, 1),
+            print(f"[vae] step {step}/{total} loss {loss:.4f} held-out PSNR {p:.2f} dB, detector reads "
+                  f"{ceiling['all']:.0%} of reconstructions (shape {ceiling['shape']:.0%}, colour "
+                  f"{ceiling['colour']:.0%}) ({time.time() - t0:.0f} s)", flush=True)
+            if cfg.vae_ceiling and ceiling["all"] >= cfg.vae_ceiling:
+                print(f"[vae] the detector reads {ceiling['all']:.0%} >= {cfg.vae_ceiling:.0%}: stage done",
+                      flush=True)
+                break
+    log["vae"] = {"curve": curve, "steps": step, "seconds": round(time.time() - t0, 1),
                   "cpu_seconds": round(time.process_time() - c0, 1)}
 
 
@@ -143,20 +193,14 @@ def train_decoder(vae, cfg: Config, log: dict) -> None:
         for g in opt.param_groups:
             g["lr"] = cfg.decoder_lr * (0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps)) * 0.9 + 0.1)
         x, wmap = vae_batch(rng, cfg.vae_batch)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mode()
-        y = vae.decode(z).sample
-        loss = weighted_loss(y, x, wmap)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = vae_step(vae, opt, x, wmap, cfg.vae_precision, encoder=False)
         if step % 100 == 0 or step == cfg.decoder_steps:
             with torch.no_grad():
                 rec = S.decode(vae, S.encode(vae, val))
             p = float(np.mean([S.psnr(a, b) for a, b in zip(rec, val)]))
-            curve.append({"step": step, "loss": round(loss.item(), 5), "heldout_psnr_db": round(p, 2),
+            curve.append({"step": step, "loss": round(loss, 5), "heldout_psnr_db": round(p, 2),
                           "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)})
-            print(f"[decoder] step {step}/{cfg.decoder_steps} loss {loss.item():.4f} held-out PSNR {p:.2f} dB "
+            print(f"[decoder] step {step}/{cfg.decoder_steps} loss {loss:.4f} held-out PSNR {p:.2f} dB "
                   f"({time.time() - t0:.0f} s)", flush=True)
     vae.requires_grad_(False)
     log["decoder"] = {"curve": curve, "seconds": round(time.time() - t0, 1),
@@ -256,7 +300,6 @@ def train_unet(unet, text, vae, latents, train, cfg: Config, log: dict) -> tuple
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"})
-    acp = sched.alphas_cumprod
     keep = world_vocab()
     zero_unused_rows(text, keep)
     params = list(unet.parameters()) + list(text.parameters())
@@ -275,18 +318,11 @@ def train_unet(unet, text, vae, latents, train, cfg: Config, log: dict) -> tuple
         x0 = latents[torch.from_numpy(idx)]
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        xt = sched.add_noise(x0, noise, t)
-        ctx = text(M.tokenize(caps, cache))[0]
-        eps = unet(xt, t, encoder_hidden_states=ctx).sample
-        loss = (snr_weights(acp, t) * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = unet_step(unet, text, opt, params, sched, x0, t, noise, M.tokenize(caps, cache), cfg.unet_precision)
         decay = min(cfg.ema, (1 + step) / (10 + step))
         ema_update(ema_u, unet, decay)
         ema_update(ema_t, text, decay)
-        run = 0.98 * run + 0.02 * loss.item() if step > 1 else loss.item()
+        run = 0.98 * run + 0.02 * loss if step > 1 else loss
         if step % 100 == 0:
             curve.append({"step": step, "loss_ema": round(run, 5), "seconds": round(time.time() - t0, 1)})
         if step % cfg.eval_every == 0 or step == total:
@@ -333,13 +369,16 @@ def main(argv=None) -> int:
                     help="stage 1 cache: load the calibrated VAE (+ its log) from this file if it exists, else train "
                          "it and save it there; the UNet stage is seeded on its own, so a rerun with the cached VAE "
                          "trains the same UNet")
-    ap.add_argument("--stage", choices=("all", "decoder"), default="all",
-                    help="'decoder': only stage 3, on the base folder already in --out")
+    ap.add_argument("--stage", choices=("all", "vae", "decoder"), default="all",
+                    help="'vae': only stage 1, saved to --reuse-vae (a trial of the VAE settings); "
+                         "'decoder': only stage 3, on the base folder already in --out")
     args = ap.parse_args(argv)
     cfg = Config(**{f: getattr(args, f) for f in asdict(Config())})
     torch.set_num_threads(cfg.threads)
     if args.stage == "decoder":
         return decoder_stage(args, cfg)
+    if args.stage == "vae" and not args.reuse_vae:
+        ap.error("--stage vae needs --reuse-vae FILE (where the VAE is saved)")
     log = {"config": asdict(cfg), "machine": machine()}
     t0 = time.time()
     vae, text, unet = M.new_models(cfg.seed)
@@ -365,6 +404,8 @@ def main(argv=None) -> int:
     log["detector_on_vae_reconstructions"] = reconstruction_readable(vae, cfg)
     print(f"[vae] detector on reconstructions of held-out renders: {log['detector_on_vae_reconstructions']}",
           flush=True)
+    if args.stage == "vae":
+        return 0
     latents, train = encode_training_set(vae, cfg)
     ema_u, ema_t = train_unet(unet, text, vae, latents, train, cfg, log)
     unet.load_state_dict(ema_u)
