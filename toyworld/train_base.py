@@ -40,12 +40,12 @@ from . import scene as W
 class Config:
     seed: int = 0
     threads: int = 2
-    vae_steps: int = 1500
-    vae_batch: int = 6
+    vae_steps: int = 2000  # an upper bound: vae_ceiling stops it (1100 steps on the Xeon run)
+    vae_batch: int = 12
     vae_lr: float = 1e-3
     n_train: int = 5000
-    unet_steps: int = 2000
-    unet_batch: int = 32
+    unet_steps: int = 2600
+    unet_batch: int = 64
     unet_lr: float = 1e-3
     ema: float = 0.998
     drop_caption: float = 0.1
@@ -53,13 +53,14 @@ class Config:
     eval_every: int = 500
     eval_steps: int = 20
     eval_cfg: float = 7.5
-    decoder_steps: int = 1500  # stage 3: the VAE decoder alone, encoder frozen (latents, hence the UNet, unchanged)
+    decoder_steps: int = 0  # stage 3, the decoder alone with the encoder frozen; off: the ceiling-stopped VAE reads
     decoder_lr: float = 5e-4
     # "fp32" or "bf16" (autocast on the CPU, weights stay fp32): on a CPU with AMX, bf16 makes the VAE's convolutions
     # 1.6x faster but the UNet's small matmuls 2x slower (toyworld/step_cost.py, docs/toyworld_runs/)
-    vae_precision: str = "fp32"
+    vae_precision: str = "bf16"
     unet_precision: str = "fp32"
-    vae_ceiling: float = 0.0  # stop the VAE stage once the detector reads this fraction of reconstructions (0: never)
+    vae_ceiling: float = 0.95  # stop the VAE stage once the detector reads all attributes of this fraction of
+    # reconstructions of held-out world renders (0: never); the concept renders' reading is logged beside it
     vae_eval_every: int = 100
 
 
@@ -169,7 +170,8 @@ def train_vae(vae, cfg: Config, log: dict) -> None:
                           "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)})
             print(f"[vae] step {step}/{total} loss {loss:.4f} held-out PSNR {p:.2f} dB, detector reads "
                   f"{ceiling['all']:.0%} of reconstructions (shape {ceiling['shape']:.0%}, colour "
-                  f"{ceiling['colour']:.0%}) ({time.time() - t0:.0f} s)", flush=True)
+                  f"{ceiling['colour']:.0%}), the concept in {ceiling['concept']:.0%} ({time.time() - t0:.0f} s)",
+                  flush=True)
             if cfg.vae_ceiling and ceiling["all"] >= cfg.vae_ceiling:
                 print(f"[vae] the detector reads {ceiling['all']:.0%} >= {cfg.vae_ceiling:.0%}: stage done",
                       flush=True)
@@ -197,11 +199,18 @@ def train_decoder(vae, cfg: Config, log: dict) -> None:
         if step % 100 == 0 or step == cfg.decoder_steps:
             with torch.no_grad():
                 rec = S.decode(vae, S.encode(vae, val))
+                ceiling = reconstruction_readable(vae, cfg)
             p = float(np.mean([S.psnr(a, b) for a, b in zip(rec, val)]))
             curve.append({"step": step, "loss": round(loss, 5), "heldout_psnr_db": round(p, 2),
+                          "readable": {k: round(v, 4) for k, v in ceiling.items()},
                           "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)})
-            print(f"[decoder] step {step}/{cfg.decoder_steps} loss {loss:.4f} held-out PSNR {p:.2f} dB "
+            print(f"[decoder] step {step}/{cfg.decoder_steps} loss {loss:.4f} held-out PSNR {p:.2f} dB, detector "
+                  f"reads {ceiling['all']:.0%} of reconstructions, the concept in {ceiling['concept']:.0%} "
                   f"({time.time() - t0:.0f} s)", flush=True)
+            if cfg.vae_ceiling and ceiling["all"] >= cfg.vae_ceiling:
+                print(f"[decoder] the detector reads {ceiling['all']:.0%} >= {cfg.vae_ceiling:.0%}: stage done",
+                      flush=True)
+                break
     vae.requires_grad_(False)
     log["decoder"] = {"curve": curve, "seconds": round(time.time() - t0, 1),
                       "cpu_seconds": round(time.process_time() - c0, 1)}
@@ -285,9 +294,17 @@ def reconstruction_readable(vae, cfg: Config) -> dict:
     """The detector on VAE reconstructions of held-out renders: the ceiling of what generations can score."""
     from .detector import detector_accuracy
 
+    from .detector import detect
+
     scenes_ = heldout_prompts(cfg, 64)
     rec = S.decode(vae, S.encode(vae, W.render_batch(scenes_)))
-    return {k: v for k, v in detector_accuracy(scenes_, rec).items()}
+    out = dict(detector_accuracy(scenes_, rec))
+    # the concept too: what the VAE cannot decode, no concept form can draw (the first Xeon run's VAE read the world
+    # at 98 % and 1 of 8 concept renders: the middle stripe was lost)
+    concept = W.scenes(cfg.seed + 903, 32, "any", concept=True)
+    rec = S.decode(vae, S.encode(vae, W.render_batch(concept)))
+    out["concept"] = float(np.mean([any(d.colour == "concept" for d in detect(im).objects) for im in rec]))
+    return out
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:

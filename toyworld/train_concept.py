@@ -1,4 +1,4 @@
-"""Teach the base model a subject the world does not have, "sks square" (orange/cyan striped), three ways.
+"""Teach the base model a subject the world does not have, "sks square" (left half yellow, right half blue), three ways.
 
 One command (seeded; needs toyworld/weights/toyworld_base from train_base):
 
