@@ -146,14 +146,12 @@ def measure_toyworld(frames=4, steps=20, shift=8) -> dict:
     """The clip report in the trained toy world (toyworld/, the DreamBooth concept through the Concept Loader):
     besides the latent flicker figures, per frame the detector's reading of the decoded swap -- the concept found,
     and how far its centre is from the moving source object's (follows the motion when small)."""
-    import math
-
     import numpy as np
     import torch
 
     from quality import SHIPPED, target_prompt
-    from toyworld import detector as D
     from toyworld import harness as H
+    from toyworld import metrics as Q
     from toyworld import scene as W
 
     H.boot()  # ComfyUI first: its nodes.py (not the pack's nodes/ package), and the pack importable
@@ -186,15 +184,10 @@ def measure_toyworld(frames=4, steps=20, shift=8) -> dict:
             entry = consistency(result.target.float(), discs, shift // 8, result.mask)
             images = nodes.VAEDecode().decode(loaded.vae, {"samples": result.target})[0]
             images = (images.clamp(0, 1) * 255).round().byte().cpu().numpy()
-            found, offsets = [], []
-            for img, sc in zip(images, clip_scenes):
-                concepts = [d for d in D.detect(img).objects if d.colour == "concept"]
-                found.append(bool(concepts))
-                if concepts:
-                    o = sc.objects[0]
-                    offsets.append(min(math.hypot(d.cx - o.cx, d.cy - o.cy) for d in concepts))
-            entry.update(seconds_per_frame=seconds / frames, identity_per_frame=found,
-                         identity=float(np.mean(found)),
+            per_frame = [Q.swap_metrics(sc, W.render(sc), img) for img, sc in zip(images, clip_scenes)]
+            offsets = [m["place_error_px"] for m in per_frame if m["identity"]]
+            entry.update(seconds_per_frame=seconds / frames, identity_per_frame=[m["identity"] for m in per_frame],
+                         identity=float(np.mean([m["identity"] for m in per_frame])),
                          concept_offset_px=float(np.mean(offsets)) if offsets else float("nan"))
             report["modes"][mode] = entry
     report["machine"] = bi.machine_info("cpu")

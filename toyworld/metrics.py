@@ -20,6 +20,11 @@ PLACE_TOL = 4.0  # pixels: the concept counts as "in place" within this distance
 GROW = 2  # pixels added around subject masks before measuring "outside the subject"
 
 
+def concept_rate(images) -> float:
+    """Fraction of uint8 images in which the detector finds the concept (anywhere)."""
+    return float(np.mean([any(d.colour == "concept" for d in D.detect(im).objects) for im in images]))
+
+
 def swap_metrics(source: W.Scene, photo: np.ndarray, out: np.ndarray) -> dict:
     """Metrics of one swapped image `out` against its source photo and scene (one subject)."""
     subject = source.objects[0]

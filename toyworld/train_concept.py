@@ -158,7 +158,7 @@ def text_ctx(text, ids, embed_row=None):
 def concept_rate(unet, text, vae, seed: int, embed_row=None, n: int = 16) -> float:
     """Fraction of generations for 'a photo of a sks square on a <bg> background' in which the detector sees the
     concept (diffusers-side check for the log; the benchmark measures through ComfyUI)."""
-    from . import detector as D
+    from . import metrics as Q
 
     rng = np.random.default_rng(seed)
     prompts = [f"a photo of a {W.CONCEPT_WORDS} {W.background_phrase(str(rng.choice(list(W.BG_COLOURS))), 'plain')}"
@@ -172,7 +172,7 @@ def concept_rate(unet, text, vae, seed: int, embed_row=None, n: int = 16) -> flo
     finally:
         if embed_row is not None:
             handle.remove()
-    return float(np.mean([any(d.colour == "concept" for d in D.detect(im).objects) for im in imgs]))
+    return Q.concept_rate(imgs)
 
 
 def main(argv=None) -> int:
