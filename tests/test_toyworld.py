@@ -77,6 +77,35 @@ def test_committed_weights_match_their_checksums():
     assert sum(sizes) < 40e6, f"the toy weights should stay small ({sum(sizes) / 1e6:.1f} MB)"
 
 
+@pytest.mark.unit
+def test_training_objective_is_the_committed_folders():
+    """The v target is diffusers' velocity, and the committed folders say the objective the code's default trains (a
+    folder saying epsilon for v weights would make ComfyUI sample it wrongly without any error)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from toyworld import train_base as T
+
+    sched = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"})
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn((5, 4, 8, 8), generator=gen), torch.randn((5, 4, 8, 8), generator=gen)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    default = T.Config().prediction
+    try:
+        M.use_prediction("v_prediction")
+        torch.testing.assert_close(M.training_target(x0, noise, sched.alphas_cumprod[t]),
+                                   sched.get_velocity(x0, noise, t))
+        M.use_prediction("epsilon")
+        assert M.training_target(x0, noise, sched.alphas_cumprod[t]) is noise
+        with pytest.raises(ValueError, match="use one of"):
+            M.use_prediction("sample")
+    finally:
+        M.use_prediction(default)
+    _need_weights()
+    for name in (M.BASE_NAME, M.CONCEPT_NAME):
+        assert M.folder_prediction(M.WEIGHTS / name) == default, name
+
+
 def _quality_run(tmp_path) -> dict:
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(REPO_ROOT / "bench" / "quality.py"), "--count", "4", "--gen-count", "8", "--steps",

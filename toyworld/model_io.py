@@ -43,6 +43,32 @@ VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEnc
 SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False,
                     "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon"}
+PREDICTIONS = ("epsilon", "v_prediction")  # the committed weights: epsilon (SCHEDULER_CONFIG's default)
+
+
+def use_prediction(prediction: str) -> None:
+    """Make `prediction` the objective that training, sampling and saved folders use (SCHEDULER_CONFIG).
+
+    Why a choice: v-prediction binds the prompt far better in this small model (background colour 100 % of held-out
+    generations against 31 % with epsilon), but DDIM inversion of the v model reconstructs worse and the swap then
+    keeps less of the photo than no swap (docs/quality.md, "v, not ε?"), so epsilon stays the committed default."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r}: use one of {PREDICTIONS}")
+    SCHEDULER_CONFIG["prediction_type"] = prediction
+
+
+def folder_prediction(folder: Path) -> str:
+    """The objective a saved diffusers folder was trained with (its scheduler config)."""
+    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output under SCHEDULER_CONFIG's objective: the noise (epsilon), or
+    v = sqrt(a) noise - sqrt(1-a) x0 (a per sample, broadcast over C, H, W)."""
+    if SCHEDULER_CONFIG["prediction_type"] == "epsilon":
+        return noise
+    a = alphas_cumprod_t.view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def tokenizer_dir() -> Path:

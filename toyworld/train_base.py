@@ -8,8 +8,8 @@ One command (seeded; stages in order, nothing downloaded):
    exactly (a per-channel affine folded into quant_conv/post_quant_conv) so that latent x 0.18215 -- the SD1 latent
    format ComfyUI applies -- has zero mean and unit variance per channel.
 2. The training set's latents (VAE mode, as ComfyUI's VAE Encode), then CLIP text encoder + UNet together,
-   epsilon prediction on the SD1 schedule, captions from the grammar re-drawn every epoch, 10 % empty captions
-   (for classifier-free guidance), min-SNR weighting, EMA weights saved.
+   epsilon prediction on the SD1 schedule (`--prediction v_prediction` trains v; docs/quality.md compares them),
+   captions from the grammar re-drawn every epoch, 10 % empty captions (for classifier-free guidance), min-SNR weighting, EMA weights saved.
 3. Curves in training_log.json: losses, the VAE's held-out PSNR, and the detector accuracy of generations for
    held-out prompts at a few points (diffusers DDIM; the benchmark re-measures everything through ComfyUI).
 
@@ -62,6 +62,7 @@ class Config:
     vae_ceiling: float = 0.95  # stop the VAE stage once the detector reads all attributes of this fraction of
     # reconstructions of held-out world renders (0: never); the concept renders' reading is logged beside it
     vae_eval_every: int = 100
+    prediction: str = "epsilon"  # or "v_prediction" (model_io.use_prediction says why it is a choice)
 
 
 def world_vocab() -> list[int]:
@@ -129,12 +130,13 @@ def vae_step(vae, opt, x, wmap, precision: str, encoder: bool = True) -> float:
 
 
 def unet_step(unet, text, opt, params, sched, x0, t, noise, ids, precision: str) -> float:
-    """One optimiser step of min-SNR-weighted epsilon prediction, text encoder and UNet together."""
+    """One optimiser step of min-SNR-weighted epsilon (or v) prediction, text encoder and UNet together."""
     xt = sched.add_noise(x0, noise, t)
     with autocast(precision):
         ctx = text(ids)[0]
-        eps = unet(xt, t, encoder_hidden_states=ctx).sample
-    loss = (snr_weights(sched.alphas_cumprod, t) * ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        out = unet(xt, t, encoder_hidden_states=ctx).sample
+    target = M.training_target(x0, noise, sched.alphas_cumprod[t])
+    loss = (snr_weights(sched.alphas_cumprod, t) * ((out.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -308,8 +310,12 @@ def reconstruction_readable(vae, cfg: Config) -> dict:
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights: epsilon min(snr, gamma) / snr; v min(1, gamma / (snr + 1)) -- weight 1 (an x0
+    error weighs 1 + snr) except at the low-noise end, where the easy steps would otherwise dominate."""
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-    return torch.clamp(snr, max=gamma) / snr
+    if M.SCHEDULER_CONFIG["prediction_type"] == "epsilon":
+        return torch.clamp(snr, max=gamma) / snr
+    return torch.clamp(gamma / (snr + 1), max=1.0)
 
 
 def train_unet(unet, text, vae, latents, train, cfg: Config, log: dict) -> tuple[dict, dict]:
@@ -392,6 +398,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = Config(**{f: getattr(args, f) for f in asdict(Config())})
     torch.set_num_threads(cfg.threads)
+    M.use_prediction(cfg.prediction)
     if args.stage == "decoder":
         return decoder_stage(args, cfg)
     if args.stage == "vae" and not args.reuse_vae:

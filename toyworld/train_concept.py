@@ -110,7 +110,7 @@ def diffusion_loss(unet, ctx, x0, gen, acp) -> torch.Tensor:
     noise = torch.randn(x0.shape, generator=gen)
     a = acp[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return ((unet(xt, t, encoder_hidden_states=ctx).sample - noise) ** 2).mean()
+    return ((unet(xt, t, encoder_hidden_states=ctx).sample - M.training_target(x0, noise, acp[t])) ** 2).mean()
 
 
 def finetune(unet, text, params, inst, cls, steps: int, lr: float, seed: int, prior: bool = True,
@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     vae, text, unet = M.load_diffusers_folder(args.base)
+    M.use_prediction(M.folder_prediction(args.base))  # the concept learns the base's own objective
     for m in (vae, text, unet):
         m.eval().requires_grad_(False)
     inst_scenes, inst_imgs = instance_data(args.seed + 10)
