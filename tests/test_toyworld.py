@@ -82,11 +82,9 @@ def test_training_objective_is_the_committed_folders():
     """The v target is diffusers' velocity, and the committed folders say the objective the code's default trains (a
     folder saying epsilon for v weights would make ComfyUI sample it wrongly without any error)."""
     import torch
-    from diffusers import DDPMScheduler
-
     from toyworld import train_base as T
 
-    sched = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"})
+    sched = M.training_scheduler()
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn((5, 4, 8, 8), generator=gen), torch.randn((5, 4, 8, 8), generator=gen)
     t = torch.tensor([0, 10, 500, 900, 999])

@@ -51,10 +51,17 @@ def use_prediction(prediction: str) -> None:
 
     Why a choice: v-prediction binds the prompt far better in this small model (background colour 100 % of held-out
     generations against 31 % with epsilon), but DDIM inversion of the v model reconstructs worse and the swap then
-    keeps less of the photo than no swap (docs/quality.md, "v, not ε?"), so epsilon stays the committed default."""
+    keeps less of the photo than no swap (docs/quality.md, "ε or v?"), so epsilon stays the committed default."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction {prediction!r}: use one of {PREDICTIONS}")
     SCHEDULER_CONFIG["prediction_type"] = prediction
+
+
+def training_scheduler():
+    """diffusers' DDPMScheduler of SCHEDULER_CONFIG (the training noise schedule and its alphas_cumprod)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "_class_name"})
 
 
 def folder_prediction(folder: Path) -> str:

@@ -1,7 +1,7 @@
 """Probe a trained toy-world base: does the prompt or the initial noise choose what it draws?
 
 Why: the ε-trained base (commit 51c4c7c) drew the captioned background in about a third of prompts. This script
-holds the measurements that found the cause (docs/quality.md, "v, not ε"), so they can be rerun on any folder:
+holds the measurements that found the cause (docs/quality.md, "ε or v?"), so they can be rerun on any folder:
 
     .venv/bin/python -m toyworld.probe_base [--folder DIR] [--finetune-v 200]
 
@@ -45,9 +45,7 @@ def prompt_sets(cfg: T.Config) -> dict:
 
 @torch.no_grad()
 def x0_errors(unet, text, vae, prediction: str) -> list[dict]:
-    from diffusers import DDPMScheduler
-
-    acp = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"}).alphas_cumprod
+    acp = M.training_scheduler().alphas_cumprod
     rng = np.random.default_rng(7)
     sc = [W.sample_scene(rng, "train", n_objects=1) for _ in range(64)]
     x0 = S.encode(vae, W.render_batch(sc))
@@ -79,9 +77,7 @@ def x0_errors(unet, text, vae, prediction: str) -> list[dict]:
 
 def finetune_v(unet, text, vae, cfg: T.Config, steps: int) -> None:
     """`steps` of train_base's v objective on these weights, then the EMA weights loaded (in place)."""
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"})
+    sched = M.training_scheduler()
     latents, train = T.encode_training_set(vae, cfg)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, 3e-4, betas=(0.9, 0.99), weight_decay=0.0)

@@ -43,10 +43,8 @@ def vae_cost(batch: int, precision: str, warmup: int, steps: int) -> float:
 
 
 def unet_cost(batch: int, precision: str, warmup: int, steps: int) -> float:
-    from diffusers import DDPMScheduler
-
     _vae, text, unet = M.new_models(0)
-    sched = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"})
+    sched = M.training_scheduler()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, 1e-4)
     gen = torch.Generator().manual_seed(0)

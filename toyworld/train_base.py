@@ -9,7 +9,8 @@ One command (seeded; stages in order, nothing downloaded):
    format ComfyUI applies -- has zero mean and unit variance per channel.
 2. The training set's latents (VAE mode, as ComfyUI's VAE Encode), then CLIP text encoder + UNet together,
    epsilon prediction on the SD1 schedule (`--prediction v_prediction` trains v; docs/quality.md compares them),
-   captions from the grammar re-drawn every epoch, 10 % empty captions (for classifier-free guidance), min-SNR weighting, EMA weights saved.
+   captions from the grammar re-drawn every epoch, 10 % empty captions (for classifier-free guidance), min-SNR
+   weighting, EMA weights saved.
 3. Curves in training_log.json: losses, the VAE's held-out PSNR, and the detector accuracy of generations for
    held-out prompts at a few points (diffusers DDIM; the benchmark re-measures everything through ComfyUI).
 
@@ -320,9 +321,7 @@ def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.
 
 def train_unet(unet, text, vae, latents, train, cfg: Config, log: dict) -> tuple[dict, dict]:
     """Joint text encoder + UNet training; returns the EMA state dicts (unet, text)."""
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"})
+    sched = M.training_scheduler()
     keep = world_vocab()
     zero_unused_rows(text, keep)
     params = list(unet.parameters()) + list(text.parameters())

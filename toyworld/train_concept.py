@@ -116,9 +116,7 @@ def diffusion_loss(unet, ctx, x0, gen, acp) -> torch.Tensor:
 def finetune(unet, text, params, inst, cls, steps: int, lr: float, seed: int, prior: bool = True,
              embed_row=None, tag: str = "") -> list:
     """DreamBooth loop: each step one instance batch (+ one class batch when `prior`); returns the loss curve."""
-    from diffusers import DDPMScheduler
-
-    acp = DDPMScheduler.from_config({k: v for k, v in M.SCHEDULER_CONFIG.items() if k != "_class_name"}).alphas_cumprod
+    acp = M.training_scheduler().alphas_cumprod
     (i_ids, i_lat), (c_ids, c_lat) = inst, cls
     opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
