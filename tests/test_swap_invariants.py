@@ -183,6 +183,29 @@ def test_window_edges(tiny_sd15, steps, windows):
         assert set(events) == _expected_events(steps, windows, layers, map_layers, layers)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_blend_level_keeps_the_maps_local(request, family):
+    """LocalBlend's maps are level 2 (the reference's 16×16 at 512 px) down to 256 px; on smaller latents the
+    deepest attention level with ≥ 8 cells a side (at 2×2 cells the 3×3 dilation covered the whole image, an
+    all-ones mask: LocalBlend silently did nothing). The attention levels come from ComfyUI's unet_config."""
+    from comfyui_photoswap.photoswap_core.arch import inspect_model
+    from comfyui_photoswap.photoswap_core.arch.sd_unet import _attention_levels
+
+    arch = inspect_model(request.getfixturevalue(f"tiny_{family}").model)
+    sd15 = {"transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+    sdxl = {"transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2]}
+    assert _attention_levels(sd15) == (0, 1, 2) and _attention_levels(sdxl) == (1, 2)
+    assert _attention_levels({}) == ()
+    expected = {"sd15": {(128, 96): 2, (64, 64): 2, (32, 40): 2, (31, 64): 2, (24, 64): 1, (16, 16): 1, (8, 8): 0, (6, 8): 0},
+                "sdxl": {(128, 128): 2, (64, 64): 2, (32, 32): 2, (16, 16): 1, (8, 8): 1, (6, 8): 1}}[family]
+    assert arch.attention_levels == {"sd15": (0, 1, 2), "sdxl": (1, 2)}[family]
+    assert {hw: arch.blend_level(hw) for hw in expected} == expected
+    extra = {"original_shape": [1, 4, 8, 8], "block": ("output", 3)}
+    blend_levels = {level for level in range(3) if arch.blend_layer(level, extra)}
+    assert blend_levels == {expected[(8, 8)]}
+    assert not arch.blend_layer(expected[(8, 8)], {**extra, "block": ("middle", 0)})
+
+
 def test_fused_self_map_equals_explicit():
     from comfy.ldm.modules.attention import optimized_attention
 

@@ -4,7 +4,8 @@ Facts owned here: which ComfyUI model configs belong to the family, the 4-channe
 context (SDXL: plus the pooled ADM vector `y`), the reference DDIM schedule and step (arch/ddim.py), the
 BasicTransformerBlocks of input/middle/output blocks with their attn1 (self) and attn2 (cross) replace patches, and
 the level rules: self-map swap at every level but the full-resolution one, LocalBlend at level 2 outside the middle
-block (at 512 px on SD1.x: the reference's "≤ 32² query tokens" and "the 16×16 maps").
+block (at 512 px on SD1.x: the reference's "≤ 32² query tokens" and "the 16×16 maps"; below 256 px a finer level,
+so that the blend maps keep 8 cells a side: `SDUNet.blend_level`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class SDUNet(Architecture):
     prediction: str
     latent: LatentFormat
     text: TextContext
+    attention_levels: tuple = ()  # levels of the input blocks with transformers (() = unknown: the standard ones)
 
     # ---- detection ---------------------------------------------------------------------------------------------
     @classmethod
@@ -64,7 +66,8 @@ class SDUNet(Architecture):
                                        scale=float(latent_format.scale_factor)),
                    text=TextContext(tokenizer="clip-bpe", tokens=CONTEXT_TOKENS,
                                     width=int(context) if context is not None else 0,
-                                    pooled=family == "sdxl"))
+                                    pooled=family == "sdxl"),
+                   attention_levels=_attention_levels(config.unet_config))
 
     @classmethod
     def families(cls) -> set:
@@ -190,8 +193,48 @@ class SDUNet(Architecture):
         return level >= 1
 
     def blend_layer(self, level: int, extra) -> bool:
-        """Level 2, down and up blocks only (SD1.x 512 px: the 16×16 layers, not the middle block)."""
-        return level == 2 and extra["block"][0] != "middle"
+        """The blend level's down and up blocks, not the middle block (see `blend_level`)."""
+        return level == self.blend_level(tuple(extra["original_shape"][2:])) and extra["block"][0] != "middle"
+
+    def blend_level(self, latent_hw: tuple) -> int:
+        """Level 2 (SD1.x 512 px: the reference's 16×16 maps) while its maps keep ≥ BLEND_MIN_CELLS on the short
+        side; on smaller latents the deepest attention level that does (else the finest one). Why: LocalBlend
+        dilates the maps 3×3 before thresholding, and at 2×2 cells (level 2 of an 8×8 latent) that covers the whole
+        image, so the mask was all ones and LocalBlend silently did nothing. Images ≥ 256 px (SD1/SD2/SDXL) keep
+        level 2."""
+        levels = sorted(lv for lv in (self.attention_levels or STANDARD_ATTENTION_LEVELS[self.family]) if lv <= 2)
+        if not levels:
+            return 2
+        short = min(latent_hw)
+        fits = [lv for lv in levels if _cells(short, lv) >= BLEND_MIN_CELLS]
+        return max(fits) if fits else min(levels)
+
+
+BLEND_MIN_CELLS = 8  # LocalBlend maps need this many cells on the short side for a local 3×3 dilation
+STANDARD_ATTENTION_LEVELS = {"sd1": (0, 1, 2), "sd2": (0, 1, 2), "sdxl": (1, 2)}
+
+
+def _cells(size: int, level: int) -> int:
+    """Tokens along one side after `level` downsamplings (each halves, rounding up: ComfyUI's padded convolutions)."""
+    for _ in range(level):
+        size = (size + 1) // 2
+    return size
+
+
+def _attention_levels(unet_config: dict) -> tuple:
+    """Levels whose input blocks hold transformers, from ComfyUI's unet_config (transformer_depth has one entry per
+    input res block); () when the config does not say."""
+    depth, mult = unet_config.get("transformer_depth"), unet_config.get("channel_mult")
+    blocks = unet_config.get("num_res_blocks")
+    if not isinstance(depth, (list, tuple)) or not mult or blocks is None:
+        return ()
+    blocks = [blocks] * len(mult) if isinstance(blocks, int) else list(blocks)
+    levels, start = [], 0
+    for level, n in enumerate(blocks):
+        if any(d > 0 for d in depth[start:start + n]):
+            levels.append(level)
+        start += n
+    return tuple(levels)
 
 
 def _context_dim(model):
