@@ -11,6 +11,8 @@ cond row at steps 4 and 10 of 20, heads averaged:
 - `mass_on_object`: the share of the subject column's attention mass on the object's cells, beside `object_cells`,
   the share of cells the object covers (a localised map has the first well above the second);
 - `above_threshold`: cells whose map exceeds the blend threshold (0.3) of its max, before the 3×3 dilation;
+- `attention_shares`: where each image token's attention goes on average (BOS, the caption's words, the subject
+  word among them, the EOS and padding tokens);
 and the Swap Sampler's own LocalBlend mask at the shipped windows: `mask_coverage` (fraction of latent cells kept
 from the target) beside the object's area.
 """
@@ -35,11 +37,13 @@ PROBE_STEPS = (4, 10)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def level_maps(trace, positions: list, heads_of, tensor_kind) -> dict:
-    """{side: [tokens², ...] maps of the subject columns} from the trace's cross queries/keys (cond row)."""
+def level_maps(trace, positions: list, heads_of, tensor_kind, words: int) -> tuple[dict, dict]:
+    """({side: [tokens², ...] maps of the subject columns}, {side: [token-group shares, ...]}) from the trace's
+    cross queries/keys (cond row); `words` = the caption's tokens between BOS and the first EOS."""
     store = trace.store.tensors
     keys = {k.layer: v for k, v in store.items() if k.kind == tensor_kind.CROSS_K}
     out: dict = {}
+    shares: dict = {}
     for key, q in store.items():
         if key.kind != tensor_kind.CROSS_Q or key.step not in PROBE_STEPS:
             continue
@@ -51,7 +55,11 @@ def level_maps(trace, positions: list, heads_of, tensor_kind) -> dict:
         attn = torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1).mean(0)  # [tokens, 77]
         side = int(round(attn.shape[0] ** 0.5))
         out.setdefault(side, []).append(attn[:, positions].sum(-1).reshape(side, side))
-    return out
+        mean = attn.mean(0)
+        shares.setdefault(side, []).append({"bos": float(mean[0]), "subject": float(mean[positions].sum()),
+                                            "caption_words": float(mean[1:1 + words].sum()),
+                                            "eos_and_padding": float(mean[1 + words:].sum())})
+    return out, shares
 
 
 def probe(count: int, seed: int) -> dict:
@@ -62,15 +70,18 @@ def probe(count: int, seed: int) -> dict:
 
     loaded = H.load_concept("dreambooth")
     head_channels = int(loaded.model.model.model_config.unet_config.get("num_head_channels", 16))
-    rows, per_level = [], {}
+    rows, per_level, per_share = [], {}, {}
     for sc in W.scenes(seed, count, "heldout"):
         photo = W.render(sc)
         src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, QB.target_prompt(sc))
         inv, _recon, _ = H.invert(loaded, H.encode(loaded.vae, photo), src, neg, "direct", STEPS)
         trace, _ = H.record(loaded, inv, src, neg, STEPS)
         obj = torch.from_numpy(W.object_mask(sc.objects[0]).astype(np.float32))[None, None]
-        maps = level_maps(trace, list(prompts.subjects[0].source_positions),
-                          lambda width: max(1, width // head_channels), tensor_kind)
+        maps, shares = level_maps(trace, list(prompts.subjects[0].source_positions),
+                                  lambda width: max(1, width // head_channels), tensor_kind,
+                                  words=len(prompts.source_ids) - 2)
+        for side, ss in shares.items():
+            per_share.setdefault(side, []).extend(ss)
         for side, ms in maps.items():
             cells = torch.nn.functional.adaptive_avg_pool2d(obj, (side, side))[0, 0] > 0.2
             for m in ms:
@@ -86,7 +97,9 @@ def probe(count: int, seed: int) -> dict:
                      "mask_coverage": float(mask.float().mean()), "blend_grid": list(trace.blend_grid or [])})
     levels = {f"{side}x{side}": {key: round(float(np.mean([r[key] for r in rs])), 3) for key in rs[0]}
               for side, rs in sorted(per_level.items(), reverse=True)}
-    return {"levels": levels, "photos": rows,
+    attention_shares = {f"{side}x{side}": {key: round(float(np.mean([r[key] for r in rs])), 3) for key in rs[0]}
+                        for side, rs in sorted(per_share.items(), reverse=True)}
+    return {"levels": levels, "attention_shares": attention_shares, "photos": rows,
             "mask_coverage": round(float(np.mean([r["mask_coverage"] for r in rows])), 3),
             "object_area": round(float(np.mean([r["object_area"] for r in rows])), 3),
             "meta": {"count": count, "seed": seed, "steps": STEPS, "probe_steps": list(PROBE_STEPS),
@@ -103,7 +116,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     result = probe(args.count, args.seed)
     text = json.dumps(result, indent=1)
-    print(json.dumps({k: result[k] for k in ("levels", "mask_coverage", "object_area")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("levels", "attention_shares", "mask_coverage", "object_area")}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
