@@ -4,7 +4,7 @@ Why: in the toy world LocalBlend changed nothing (shipped = LocalBlend off, to t
 maps were 2×2 (fixed: `SDUNet.blend_level` now picks level 0 there), but the sampler's mask stayed all ones; this
 script measures why, through the pack's own nodes (Prompt Pair, direct inversion, Attention Recorder, Swap Sampler):
 
-    .venv/bin/python -m toyworld.probe_attention [--count 8] [--out FILE]
+    .venv/bin/python -m toyworld.probe_attention [--count 8] [--form dreambooth|base] [--out FILE]
 
 Per held-out photo and attention level (8×8, 4×4, 2×2 tokens), from the recorded source queries and keys of the
 cond row at steps 4 and 10 of 20, heads averaged:
@@ -62,13 +62,13 @@ def level_maps(trace, positions: list, heads_of, tensor_kind, words: int) -> tup
     return out, shares
 
 
-def probe(count: int, seed: int) -> dict:
+def probe(count: int, seed: int, form: str = "dreambooth") -> dict:
     pack = H.boot()
     tensor_kind = importlib.import_module(pack.__name__ + ".photoswap_core.trace").TensorKind
     sys.path.insert(0, str(ROOT / "bench"))
     import quality as QB  # the benchmark's shipped windows and target prompts
 
-    loaded = H.load_concept("dreambooth")
+    loaded = H.load_concept(form)
     head_channels = int(loaded.model.model.model_config.unet_config.get("num_head_channels", 16))
     rows, per_level, per_share = [], {}, {}
     for sc in W.scenes(seed, count, "heldout"):
@@ -102,7 +102,7 @@ def probe(count: int, seed: int) -> dict:
     return {"levels": levels, "attention_shares": attention_shares, "photos": rows,
             "mask_coverage": round(float(np.mean([r["mask_coverage"] for r in rows])), 3),
             "object_area": round(float(np.mean([r["object_area"] for r in rows])), 3),
-            "meta": {"count": count, "seed": seed, "steps": STEPS, "probe_steps": list(PROBE_STEPS),
+            "meta": {"count": count, "seed": seed, "form": form, "steps": STEPS, "probe_steps": list(PROBE_STEPS),
                      "weights": str(M.WEIGHTS), "commit": QB.git_commit(), "machine": machine()}}
 
 
@@ -110,11 +110,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=8, help="held-out photos")
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--form", default="dreambooth", choices=("dreambooth", "base"),
+                    help="the model probed: the DreamBooth concept folder (the benchmark's) or the base folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write the json here too")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = probe(args.count, args.seed)
+    result = probe(args.count, args.seed, args.form)
     text = json.dumps(result, indent=1)
     print(json.dumps({k: result[k] for k in ("levels", "attention_shares", "mask_coverage", "object_area")}, indent=1))
     if args.out:
