@@ -75,30 +75,50 @@ def x0_errors(unet, text, vae, prediction: str) -> list[dict]:
     return out
 
 
+class FineTune:
+    """A short fine-tune of a trained base (text encoder and UNet): AdamW, EMA 0.99 copies, seeded batches of
+    train_base's training set; `finish` loads the EMA weights. Shared by the trials that start from a folder."""
+
+    def __init__(self, unet, text, train, cfg: T.Config, lr: float, seed: int):
+        self.unet, self.text, self.train_set, self.cfg = unet, text, train, cfg
+        self.params = list(unet.parameters()) + list(text.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        self.ema_t = {k: v.detach().clone() for k, v in text.state_dict().items()}
+        self.rng, self.gen, self.cache = np.random.default_rng(seed), torch.Generator().manual_seed(seed), {}
+        unet.train(), text.train()
+
+    def batch(self):
+        """(indices into the training latents, token ids with caption dropout, timesteps, noise)."""
+        idx = self.rng.integers(0, len(self.train_set), self.cfg.unet_batch)
+        caps = [W.with_caption(self.train_set[i], self.rng).caption if self.rng.random() > self.cfg.drop_caption
+                else "" for i in idx]
+        t = torch.randint(0, 1000, (len(idx),), generator=self.gen)
+        noise = torch.randn((len(idx), 4, W.SIZE // 8, W.SIZE // 8), generator=self.gen)
+        return torch.from_numpy(idx), M.tokenize(caps, self.cache), t, noise
+
+    def after_step(self) -> None:
+        T.ema_update(self.ema_u, self.unet, 0.99)
+        T.ema_update(self.ema_t, self.text, 0.99)
+
+    def finish(self) -> None:
+        self.unet.load_state_dict(self.ema_u)
+        self.text.load_state_dict(self.ema_t)
+        self.unet.eval(), self.text.eval()
+
+
 def finetune_v(unet, text, vae, cfg: T.Config, steps: int) -> None:
     """`steps` of train_base's v objective on these weights, then the EMA weights loaded (in place)."""
     sched = M.training_scheduler()
     latents, train = T.encode_training_set(vae, cfg)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, 3e-4, betas=(0.9, 0.99), weight_decay=0.0)
-    ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_t = {k: v.detach().clone() for k, v in text.state_dict().items()}
-    rng, gen, cache = np.random.default_rng(99), torch.Generator().manual_seed(99), {}
-    unet.train(), text.train()
+    ft = FineTune(unet, text, train, cfg, 3e-4, 99)
     for step in range(1, steps + 1):
-        idx = rng.integers(0, len(train), cfg.unet_batch)
-        caps = [W.with_caption(train[i], rng).caption if rng.random() > cfg.drop_caption else "" for i in idx]
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        noise = torch.randn((len(idx), 4, W.SIZE // 8, W.SIZE // 8), generator=gen)
-        loss = T.unet_step(unet, text, opt, params, sched, latents[torch.from_numpy(idx)], t, noise,
-                           M.tokenize(caps, cache), "fp32")
-        T.ema_update(ema_u, unet, 0.99)
-        T.ema_update(ema_t, text, 0.99)
+        idx, ids, t, noise = ft.batch()
+        loss = T.unet_step(unet, text, ft.opt, ft.params, sched, latents[idx], t, noise, ids, "fp32")
+        ft.after_step()
         if step % 50 == 0:
             print(f"[finetune-v] step {step}/{steps} loss {loss:.4f}", flush=True)
-    unet.load_state_dict(ema_u)
-    text.load_state_dict(ema_t)
-    unet.eval(), text.eval()
+    ft.finish()
 
 
 def main(argv=None) -> int:

@@ -130,11 +130,14 @@ def vae_step(vae, opt, x, wmap, precision: str, encoder: bool = True) -> float:
     return loss.item()
 
 
-def unet_step(unet, text, opt, params, sched, x0, t, noise, ids, precision: str) -> float:
-    """One optimiser step of min-SNR-weighted epsilon (or v) prediction, text encoder and UNet together."""
+def unet_step(unet, text, opt, params, sched, x0, t, noise, ids, precision: str, edit_context=None) -> float:
+    """One optimiser step of min-SNR-weighted epsilon (or v) prediction, text encoder and UNet together;
+    `edit_context(ids, ctx)` may replace the text states first (a trial's, e.g. toyworld/trial_constant_padding)."""
     xt = sched.add_noise(x0, noise, t)
     with autocast(precision):
         ctx = text(ids)[0]
+        if edit_context is not None:
+            ctx = edit_context(ids, ctx)
         out = unet(xt, t, encoder_hidden_states=ctx).sample
     target = M.training_target(x0, noise, sched.alphas_cumprod[t])
     loss = (snr_weights(sched.alphas_cumprod, t) * ((out.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()

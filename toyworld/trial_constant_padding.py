@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import model_io as M
-from . import scene as W
 from . import train_base as T
+from .probe_base import FineTune
 
 
 def finetune(steps: int, mode: str, out: Path) -> None:
@@ -31,39 +30,23 @@ def finetune(steps: int, mode: str, out: Path) -> None:
     M.use_prediction(M.folder_prediction(folder))
     cfg, sched = T.Config(), M.training_scheduler()
     latents, train = T.encode_training_set(vae, cfg)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, 2e-4, betas=(0.9, 0.99), weight_decay=0.0)
-    ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_t = {k: v.detach().clone() for k, v in text.state_dict().items()}
-    rng, gen, cache = np.random.default_rng(7), torch.Generator().manual_seed(7), {}
-    empty_ids = M.tokenize([""], cache)
-    unet.train(), text.train()
+    ft = FineTune(unet, text, train, cfg, 2e-4, 7)
+    empty_ids = M.tokenize([""], ft.cache)
     t0 = time.time()
+
+    def constant_padding(ids, ctx):
+        first_eos = (ids == M.EOS).int().argmax(dim=1)
+        keep = (torch.arange(ids.shape[1])[None] <= first_eos[:, None])[..., None]
+        return torch.where(keep, ctx, text(empty_ids)[0].expand_as(ctx))
+
     for step in range(1, steps + 1):
-        idx = rng.integers(0, len(train), cfg.unet_batch)
-        caps = [W.with_caption(train[i], rng).caption if rng.random() > cfg.drop_caption else "" for i in idx]
-        ids = M.tokenize(caps, cache)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        noise = torch.randn((len(idx), 4, W.SIZE // 8, W.SIZE // 8), generator=gen)
-        x0 = latents[torch.from_numpy(idx)]
-        ctx = text(ids)[0]
-        if mode == "pad":
-            first_eos = (ids == M.EOS).int().argmax(dim=1)
-            keep = (torch.arange(ids.shape[1])[None] <= first_eos[:, None])[..., None]
-            ctx = torch.where(keep, ctx, text(empty_ids)[0].expand_as(ctx))
-        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=ctx).sample
-        target = M.training_target(x0, noise, sched.alphas_cumprod[t])
-        loss = (T.snr_weights(sched.alphas_cumprod, t) * ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        T.ema_update(ema_u, unet, 0.99)
-        T.ema_update(ema_t, text, 0.99)
+        idx, ids, t, noise = ft.batch()
+        loss = T.unet_step(unet, text, ft.opt, ft.params, sched, latents[idx], t, noise, ids, "fp32",
+                           edit_context=constant_padding if mode == "pad" else None)
+        ft.after_step()
         if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-    unet.load_state_dict(ema_u)
-    text.load_state_dict(ema_t)
+            print(f"step {step} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
+    ft.finish()
     M.save_diffusers_folder(out / M.BASE_NAME, vae, text, unet)
     print("saved", out / M.BASE_NAME)
 
