@@ -307,3 +307,21 @@ def updated_records(records: list, mine, here: str, actual: dict, section: str) 
 def test_every_node_output_is_unchanged(request, pack, family, tmp_path):
     ms = request.getfixturevalue(f"tiny_{family}")
     check_digests(f"nodes.{family}", family_outputs(pack, ms, family, tmp_path))
+
+
+@pytest.mark.unit
+def test_digest_records_per_machine():
+    """The per-machine rule of check_digests: adding a machine keeps the others (when it agrees to float noise), a
+    changed pin on this machine drops them, and an addition that disagrees is refused."""
+    tensor = digest({"x": torch.ones(3)})
+    moved = digest({"x": torch.full((3,), 1.5)})
+    xeon = {"machine": "xeon", "outputs": tensor}
+    added = updated_records([xeon], None, "epyc", tensor, "s")
+    assert [r["machine"] for r in added] == ["xeon", "epyc"]
+    kept = updated_records(added, added[1], "epyc", tensor, "s")
+    assert [r["machine"] for r in kept] == ["xeon", "epyc"]
+    changed = updated_records(added, added[1], "epyc", moved, "s")
+    assert [r["machine"] for r in changed] == ["epyc"] and changed[0]["outputs"] == moved
+    with pytest.raises(AssertionError, match="beyond float noise"):
+        updated_records([xeon], None, "epyc", moved, "s")
+    assert section_records(None) == [] and section_records(xeon) == [xeon]
