@@ -146,3 +146,20 @@ def test_quality_floors(tmp_path):
     assert two["other_kept"] >= floors["two_objects"]["other_kept"], two
     assert two["other_psnr_db"] >= floors["two_objects"]["other_psnr_db"], two
     assert result["loaded_by"]["dreambooth"] == "Concept Loader (diffusers folder)", result["loaded_by"]
+
+
+@pytest.mark.integration
+def test_attention_probe_runs_on_the_committed_weights(tmp_path):
+    """toyworld/probe_attention (docs/quality.md, "LocalBlend in the toy world") on one photo: at the world's 8×8
+    latent the blend maps are the full 8×8 level (2×2 made the mask all ones), and its figures are well formed."""
+    _need_weights()
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, "-m", "toyworld.probe_attention", "--count", "1", "--out", str(out)],
+                   cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert [p["blend_grid"] for p in result["photos"]] == [[8, 8]], result["photos"]
+    for side, shares in result["attention_shares"].items():
+        assert abs(sum(shares[k] for k in ("bos", "caption_words", "eos_and_padding")) - 1) < 0.01, (side, shares)
+        assert 0 < shares["subject"] <= shares["caption_words"], (side, shares)
+    assert set(result["levels"]) >= {"8x8", "4x4"}
+    assert 0 < result["mask_coverage"] <= 1 and 0 < result["object_area"] < 0.5, result
