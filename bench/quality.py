@@ -125,6 +125,31 @@ def plain_seconds(loaded, src, neg, steps: int) -> float:
                                                    empty))[1]
 
 
+def step_mse(inversion) -> list[float]:
+    """Per step i of a null_text inversion: the MSE between its source trajectory one step on and the DDIM inversion
+    latent it aims at -- the quantity the early stop compares with ε + 2e-5·i·50/N (after the kept update)."""
+    n = len(inversion.trajectory) - 1
+    return [float(((inversion.trajectory[i + 1] - inversion.inversion_latents[n - 1 - i]) ** 2).mean())
+            for i in range(n)]
+
+
+def stop_thresholds(steps: int, epsilon: float = 1e-5) -> list[float]:
+    """The reference's early-stop threshold at each step (photoswap_core.inversion.null_text_optimization)."""
+    return [epsilon + 2e-5 * i * 50.0 / steps for i in range(steps)]
+
+
+def null_text_figures(runs: list[dict], inner: int, plain: float) -> dict:
+    """Iterations, early stops, cost and how far each step's trajectory stays from the inversion path (its MSE and
+    that over the reference's stop threshold), over the photos' null_text runs."""
+    iters = [k for r in runs for k in r.get("inner_iterations", [])]
+    mse = [v for r in runs for v in r["step_mse"]]
+    over = [v / t for r in runs for v, t in zip(r["step_mse"], stop_thresholds(len(r["step_mse"])))]
+    return {"mean_inner_iterations_per_step": float(np.mean(iters)) if iters else float("nan"),
+            "steps_stopped_early": float(np.mean([k < inner for k in iters])) if iters else float("nan"),
+            "cost_ratio_to_plain": float(np.mean([r["seconds"] for r in runs])) / plain,
+            "median_step_mse": float(np.median(mse)), "median_step_mse_over_threshold": float(np.median(over))}
+
+
 def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
     """Inversions and every swap setting for one photo."""
     photo = W.render(sc)
@@ -134,11 +159,23 @@ def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
     inversions = {}
     for method in METHODS:
         (inv, recon, iters), secs = timed(lambda: H.invert(loaded, latent, src, neg, method, args.steps,
-                                                           inner_iterations=args.inner))
+                                                           inner_iterations=args.inner,
+                                                           learning_rate=args.null_text_lr))
         inversions[method] = inv
         row["inversion"][method] = {"psnr_db": Q.inversion_psnr(photo, recon), "seconds": secs}
         if iters:
             row["inversion"][method]["inner_iterations"] = iters
+    row["inversion"]["null_text"]["step_mse"] = step_mse(inversions["null_text"])
+    if args.null_text_lr_probe:
+        (inv, recon, iters), secs = timed(lambda: H.invert(loaded, latent, src, neg, "null_text", args.steps,
+                                                           inner_iterations=args.inner,
+                                                           learning_rate=args.null_text_lr_probe))
+        probe_trace, _ = H.record(loaded, inv, src, neg, args.steps)
+        row["null_text_lr_probe"] = {"psnr_db": Q.inversion_psnr(photo, recon), "seconds": secs,
+                                     "inner_iterations": iters, "step_mse": step_mse(inv), "swaps": {
+                                         name: Q.swap_metrics(sc, photo, H.decode(loaded.vae, H.swap(
+                                             loaded, probe_trace, tgt, neg, prompts, **windows[name])[0]))
+                                         for name in ("no_swap", "photoswap_shipped")}}
     row["plain_seconds"] = plain_seconds(loaded, src, neg, args.steps)
     trace, _ = H.record(loaded, inversions[args.swap_inversion], src, neg, args.steps)
     for name, win in windows.items():
@@ -202,7 +239,7 @@ def sweep_windows(enabled: bool) -> dict:
     return out
 
 
-def aggregate(rows: list[dict], inner: int) -> dict:
+def aggregate(rows: list[dict], inner: int, lr_probe: float = 0.0) -> dict:
     inv = {}
     for m in METHODS:
         vals = [r["inversion"][m] for r in rows]
@@ -210,14 +247,18 @@ def aggregate(rows: list[dict], inner: int) -> dict:
                   "psnr_db_min": float(np.min([v["psnr_db"] for v in vals])),
                   "seconds": float(np.mean([v["seconds"] for v in vals]))}
     plain = float(np.mean([r["plain_seconds"] for r in rows]))
-    iters = [k for r in rows for k in r["inversion"]["null_text"].get("inner_iterations", [])]
-    null = {"mean_inner_iterations_per_step": float(np.mean(iters)) if iters else float("nan"),
-            "steps_stopped_early": float(np.mean([k < inner for k in iters])) if iters else float("nan"),
-            "cost_ratio_to_plain": inv["null_text"]["seconds"] / plain, "plain_seconds": plain,
-            "direct_cost_ratio_to_plain": inv["direct"]["seconds"] / plain}
+    null = null_text_figures([r["inversion"]["null_text"] for r in rows], inner, plain) | {
+        "plain_seconds": plain, "direct_cost_ratio_to_plain": inv["direct"]["seconds"] / plain}
     swaps = {name: Q.summarise([r["swaps"][name] for r in rows]) for name in rows[0]["swaps"]}
     part = {kind: Q.summarise([r["part"][kind] for r in rows]) for kind in rows[0].get("part", {})}
-    return {"inversion": inv, "null_text_cost": null, "swaps": swaps, "part": part}
+    out = {"inversion": inv, "null_text_cost": null, "swaps": swaps, "part": part}
+    if "null_text_lr_probe" in rows[0]:
+        probe = [r["null_text_lr_probe"] for r in rows]
+        out["null_text_lr_probe"] = null_text_figures(probe, inner, plain) | {
+            "learning_rate": lr_probe, "psnr_db": float(np.mean([p["psnr_db"] for p in probe])),
+            "psnr_db_min": float(np.min([p["psnr_db"] for p in probe])),
+            "swaps": {name: Q.summarise([p["swaps"][name] for p in probe]) for name in probe[0]["swaps"]}}
+    return out
 
 
 def concept_forms(args, scenes: list[W.Scene]) -> dict:
@@ -311,7 +352,8 @@ def meta_info(args, seconds: float) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "machine": machine() | {"load_average_end": os.getloadavg()},
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "count": args.count,
-            "steps": args.steps, "inner_iterations": args.inner, "swap_inversion": args.swap_inversion,
+            "steps": args.steps, "inner_iterations": args.inner, "null_text_lr": args.null_text_lr,
+            "swap_inversion": args.swap_inversion,
             "seed": args.seed, "seconds": round(seconds, 1)}
 
 
@@ -329,7 +371,7 @@ def run(args) -> dict:
         s = rows[-1]["swaps"]["photoswap_shipped"]
         print(f"[quality] photo {i + 1}/{len(scenes)} {sc.caption!r}: shipped identity {s['identity']}, "
               f"background {s['background_psnr_db']:.1f} dB ({time.time() - t0:.0f} s)", flush=True)
-    result = aggregate(rows, args.inner)
+    result = aggregate(rows, args.inner, args.null_text_lr_probe)
     result["generation"] = generation_accuracy(args.gen_count, args.steps, args.seed + 100)
     result["detector"] = detector_figures(max(40, args.gen_count * 2), args.seed + 200)
     if args.forms:
@@ -348,6 +390,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-count", type=int, default=48, help="held-out prompts for the generation accuracy")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--inner", type=int, default=10, help="null_text inner iterations per step at most")
+    ap.add_argument("--null-text-lr", type=float, default=1e-2,
+                    help="null_text Adam learning rate at step 0 (the reference's 1e-2)")
+    ap.add_argument("--null-text-lr-probe", type=float, default=0.1,
+                    help="also run null_text at this learning rate (0 = not): is the reference's 1e-2, set for SD1.5, "
+                         "what stops its early stop on this model?")
     ap.add_argument("--swap-inversion", default="null_text", choices=METHODS)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--threads", type=int, default=2)
@@ -395,7 +442,18 @@ def format_summary(result: dict) -> str:
     lines = ["inversion PSNR (dB): " + ", ".join(f"{m} {v['psnr_db']:.2f}" for m, v in result["inversion"].items())]
     n = result["null_text_cost"]
     lines.append(f"null_text: {n['mean_inner_iterations_per_step']:.2f} inner iterations/step, "
-                 f"{n['cost_ratio_to_plain']:.2f}x a plain pass")
+                 f"{n['cost_ratio_to_plain']:.2f}x a plain pass, step MSE {n['median_step_mse']:.1e} "
+                 f"({n['median_step_mse_over_threshold']:.0f}x the stop threshold)")
+    if "null_text_lr_probe" in result:
+        p = result["null_text_lr_probe"]
+        lines.append(f"null_text at lr {p['learning_rate']:g}: {p['psnr_db']:.2f} dB, "
+                     f"{p['mean_inner_iterations_per_step']:.2f} inner iterations/step "
+                     f"({p['steps_stopped_early']:.0%} of steps stopped early), {p['cost_ratio_to_plain']:.2f}x, "
+                     f"step MSE {p['median_step_mse']:.1e} ({p['median_step_mse_over_threshold']:.1f}x the threshold)")
+        for name, sw in p["swaps"].items():
+            lines.append(f"  swap traced from it, {name:18s} identity {sw['identity']:.2f} in-place "
+                         f"{sw['identity_in_place']:.2f} place {sw['place_error_px']:.1f}px "
+                         f"bg {sw['background_psnr_db']:.1f}dB leak {sw['leakage']:.3f}")
     g, d = result["generation"], result["detector"]
     lines.append(f"generation (held-out prompts): shape+colour {g['shape_and_colour']:.1%} of {g['n']}")
     lines.append(f"detector: all attributes right on {d['clean']['all']:.1%} of clean renders, "

@@ -231,7 +231,33 @@ def quality_inversion_line(q: dict) -> str:
     return (f"Inversion (reconstruction PSNR through the VAE): {parts}. Null-text early stopping on the trained "
             f"model: {n['mean_inner_iterations_per_step']:.2f} inner iterations per step on average "
             f"({n['steps_stopped_early']:.0%} of steps stopped early), {n['cost_ratio_to_plain']:.2f}× a plain "
-            f"KSampler pass ({n['plain_seconds']:.2f} s); `direct` {n['direct_cost_ratio_to_plain']:.2f}×.")
+            f"KSampler pass ({n['plain_seconds']:.2f} s); `direct` {n['direct_cost_ratio_to_plain']:.2f}×."
+            + null_text_stop_text(n, q.get("null_text_lr_probe")))
+
+
+def null_text_stop_text(n: dict, probe: dict | None) -> str:
+    """Why the early stop does (not) fire: each step's distance from the inversion path against the threshold, and
+    the run at a larger learning rate when the benchmark made one (older results lack both)."""
+    if "median_step_mse" not in n:
+        return ""
+    text = (f" Each step's source trajectory ends a median MSE {n['median_step_mse']:.1e} from the inversion "
+            f"latent it aims at, {n['median_step_mse_over_threshold']:.0f}× the reference's stop threshold.")
+    if probe:
+        text += (f" At learning rate {probe['learning_rate']:g} (the reference's 1e-2 is set for SD1.5) null-text "
+                 f"reconstructs at {probe['psnr_db']:.1f} dB, {probe['mean_inner_iterations_per_step']:.2f} inner "
+                 f"iterations per step ({probe['steps_stopped_early']:.0%} stopped early), "
+                 f"{probe['cost_ratio_to_plain']:.2f}×, step MSE {probe['median_step_mse_over_threshold']:.1f}× the "
+                 f"threshold.")
+        sw = probe.get("swaps") or {}
+        if {"no_swap", "photoswap_shipped"} <= set(sw):
+            a, b = sw["photoswap_shipped"], sw["no_swap"]
+            text += (f" Traced from that inversion, the shipped swap vs no swap: identity {_f(a['identity'], '.0%')} "
+                     f"vs {_f(b['identity'], '.0%')}, in place {_f(a['identity_in_place'], '.0%')} vs "
+                     f"{_f(b['identity_in_place'], '.0%')}, place error {_f(a['place_error_px'], '.1f')} vs "
+                     f"{_f(b['place_error_px'], '.1f')} px, background {_f(a['background_psnr_db'], '.1f')} vs "
+                     f"{_f(b['background_psnr_db'], '.1f')} dB, leakage {_f(a['leakage'], '.1%')} vs "
+                     f"{_f(b['leakage'], '.1%')}.")
+    return text
 
 
 def quality_detector_line(q: dict) -> str:

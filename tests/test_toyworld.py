@@ -104,6 +104,27 @@ def test_training_objective_is_the_committed_folders():
         assert M.folder_prediction(M.WEIGHTS / name) == default, name
 
 
+def test_step_mse_is_zero_on_the_inversion_path():
+    """bench/quality.step_mse pairs trajectory step i+1 with the inversion latent it aims at: a trajectory that is
+    the inversion path reversed (what `direct` inversion gives) is at distance 0 at every step, one that is off by
+    a constant c at c²."""
+    import importlib.util
+    import types
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO_ROOT / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+
+    latents = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    on_path = types.SimpleNamespace(inversion_latents=latents, trajectory=list(reversed(latents)))
+    assert quality.step_mse(on_path) == [0.0] * 5
+    off = types.SimpleNamespace(inversion_latents=latents, trajectory=[t + 0.5 for t in reversed(latents)])
+    assert quality.step_mse(off) == pytest.approx([0.25] * 5)
+    assert quality.stop_thresholds(20)[:2] == pytest.approx([1e-5, 1e-5 + 5e-5])
+
+
 def _quality_run(tmp_path) -> dict:
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(REPO_ROOT / "bench" / "quality.py"), "--count", "4", "--gen-count", "8", "--steps",
@@ -128,6 +149,11 @@ def test_quality_floors(tmp_path):
     # inversion: the pinned methods reconstruct through the VAE; null-text is at least as good as plain DDIM
     assert inv["direct"]["psnr_db"] >= floors["direct_psnr_db"], inv
     assert inv["null_text"]["psnr_db"] >= inv["ddim"]["psnr_db"] - 0.5, inv
+    # null-text at the benchmark's larger learning rate (the reference's 1e-2 is set for SD1.5) ends each step
+    # nearer the inversion path and reconstructs better: the learning rate reaches the optimisation
+    probe, ref = result["null_text_lr_probe"], result["null_text_cost"]
+    assert probe["median_step_mse"] < ref["median_step_mse"], (probe, ref)
+    assert probe["psnr_db"] > inv["null_text"]["psnr_db"], (probe, inv["null_text"])
     # absolute floors from the committed full run, with a margin (bench/quality.py --write-floors)
     for key, floor in floors["photoswap_shipped"].items():
         value = shipped[key]

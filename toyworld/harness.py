@@ -126,12 +126,13 @@ def prompt_pair(loaded: Loaded, source_prompt: str, subject_word: str, target_pr
 
 
 def invert(loaded: Loaded, latent: dict, src, neg, method: str, steps: int, cfg: float = 7.5,
-           inner_iterations: int = 10):
+           inner_iterations: int = 10, learning_rate: float = 1e-2):
     """(inversion, reconstruction uint8 image, inner iterations per step) through the inversion node."""
     inv_node = node("inversion_nodes", "PhotoswapNullTextInversion")
     (inversion, _z, _sig, image), _ = run_node(inv_node, model=loaded.model, latent=latent, source_positive=src,
                                                negative=neg, steps=steps, cfg=cfg, method=method,
-                                               inner_iterations=inner_iterations, vae=loaded.vae)
+                                               inner_iterations=inner_iterations, learning_rate=learning_rate,
+                                               vae=loaded.vae)
     recon = (image[0].clamp(0, 1) * 255).round().byte().cpu().numpy()
     return inversion, recon, list(getattr(inversion, "inner_iterations", []) or [])
 
