@@ -11,7 +11,9 @@ VAE Encode/Decode and KSampler), with the committed weights (toyworld/weights/, 
 
 - generation: the base model's images for held-out prompts, read back by the detector (shape, colour);
 - inversion: reconstruction PSNR of ddim / null_text / direct / negative_prompt; null_text's inner iterations per
-  step (early stopping) and its cost as a ratio to a plain KSampler pass;
+  step (early stopping), its cost as a ratio to a plain KSampler pass, each step's distance from the inversion path
+  against the stop threshold, and the same at a larger learning rate (--null-text-lr-probe) with the swap traced
+  from it;
 - swap (the DreamBooth concept "sks square" in place of the photo's object, from the null_text inversion):
   identity (the detector finds the concept), place and size (vs the old subject), background PSNR outside both
   subjects' masks, leakage (changed pixels there), for the baselines (target prompt from z_T without swap, cross-map

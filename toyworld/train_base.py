@@ -45,7 +45,7 @@ class Config:
     vae_batch: int = 12
     vae_lr: float = 1e-3
     n_train: int = 5000
-    unet_steps: int = 2600
+    unet_steps: int = 5200
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema: float = 0.998
