@@ -129,15 +129,19 @@ def plain_seconds(loaded, src, neg, steps: int) -> float:
 
 def step_mse(inversion) -> list[float]:
     """Per step i of a null_text inversion: the MSE between its source trajectory one step on and the DDIM inversion
-    latent it aims at -- the quantity the early stop compares with ε + 2e-5·i·50/N (after the kept update)."""
+    latent it aims at -- the quantity the early stop compares with its threshold (after the kept update)."""
     n = len(inversion.trajectory) - 1
     return [float(((inversion.trajectory[i + 1] - inversion.inversion_latents[n - 1 - i]) ** 2).mean())
             for i in range(n)]
 
 
-def stop_thresholds(steps: int, epsilon: float = 1e-5) -> list[float]:
-    """The reference's early-stop threshold at each step (photoswap_core.inversion.null_text_optimization)."""
-    return [epsilon + 2e-5 * i * 50.0 / steps for i in range(steps)]
+def stop_thresholds(steps: int) -> list[float]:
+    """The pack's early-stop threshold at each step, at the node's default epsilon (the benchmark's runs use it)."""
+    import importlib
+
+    inversion = importlib.import_module(f"{H.boot().__name__}.photoswap_core.inversion")
+    eps = inversion.InversionSettings().early_stop_epsilon
+    return [inversion.early_stop_threshold(eps, i, steps) for i in range(steps)]
 
 
 def null_text_figures(runs: list[dict], inner: int, plain: float) -> dict:

@@ -100,6 +100,14 @@ def _as_normal(t: torch.Tensor) -> torch.Tensor:
         return t.clone() if t.is_inference() else t
 
 
+REFERENCE_STEPS = 50  # the official notebook's step count; its per-step schedules scale with N / 50 elsewhere
+
+
+def early_stop_threshold(epsilon: float, step: int, steps: int) -> float:
+    """The reference's null-text early stop at step i of N: ε + 2e-5·i (at N = 50), i scaled by 50/N."""
+    return epsilon + 2e-5 * step * REFERENCE_STEPS / steps
+
+
 def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, null_start, settings,
                            progress=None, max_steps=None, uncond_y=None):
     """Per-step null-embedding optimisation (reference semantics at N = 50, fractions scale with N otherwise).
@@ -131,7 +139,7 @@ def null_text_optimization(evaluator, schedule, inversion_latents, cond_kwargs, 
             optimizer = torch.optim.Adam([embedding], lr=settings.learning_rate * (1.0 - i / (2.0 * n)))
             with torch.no_grad():
                 eps_cond = evaluator.eps(x, sigma, cond_ctx, y)
-            threshold = settings.early_stop_epsilon + 2e-5 * i * 50.0 / n
+            threshold = early_stop_threshold(settings.early_stop_epsilon, i, n)
             step_losses = []
             for _ in range(settings.inner_iterations):
                 _check_interrupt()
