@@ -115,15 +115,15 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def plain_seconds(loaded, src, neg, steps: int) -> float:
+def plain_seconds(loaded, src, neg, steps: int, cfg: float) -> float:
     """One plain CFG sampling pass (the benchmark suite's unit: ComfyUI's KSampler, ddim), seconds."""
     import nodes
     import torch
 
     empty = {"samples": torch.zeros(1, 4, W.SIZE // 8, W.SIZE // 8)}
     with torch.inference_mode():
-        nodes.common_ksampler(loaded.model, 0, 2, 7.5, "ddim", "ddim_uniform", src, neg, empty)  # warm
-        return timed(lambda: nodes.common_ksampler(loaded.model, 0, steps, 7.5, "ddim", "ddim_uniform", src, neg,
+        nodes.common_ksampler(loaded.model, 0, 2, cfg, "ddim", "ddim_uniform", src, neg, empty)  # warm
+        return timed(lambda: nodes.common_ksampler(loaded.model, 0, steps, cfg, "ddim", "ddim_uniform", src, neg,
                                                    empty))[1]
 
 
@@ -164,7 +164,7 @@ def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
     row = {"caption": sc.caption, "inversion": {}, "swaps": {}}
     inversions = {}
     for method in METHODS:
-        (inv, recon, iters), secs = timed(lambda: H.invert(loaded, latent, src, neg, method, args.steps,
+        (inv, recon, iters), secs = timed(lambda: H.invert(loaded, latent, src, neg, method, args.steps, cfg=args.cfg,
                                                            inner_iterations=args.inner,
                                                            learning_rate=args.null_text_lr))
         inversions[method] = inv
@@ -174,18 +174,19 @@ def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
     row["inversion"]["null_text"]["step_mse"] = step_mse(inversions["null_text"])
     if args.null_text_lr_probe:
         (inv, recon, iters), secs = timed(lambda: H.invert(loaded, latent, src, neg, "null_text", args.steps,
-                                                           inner_iterations=args.inner,
+                                                           cfg=args.cfg, inner_iterations=args.inner,
                                                            learning_rate=args.null_text_lr_probe))
-        probe_trace, _ = H.record(loaded, inv, src, neg, args.steps)
+        probe_trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
         row["null_text_lr_probe"] = {"psnr_db": Q.inversion_psnr(photo, recon), "seconds": secs,
                                      "inner_iterations": iters, "step_mse": step_mse(inv), "swaps": {
                                          name: Q.swap_metrics(sc, photo, H.decode(loaded.vae, H.swap(
-                                             loaded, probe_trace, tgt, neg, prompts, **windows[name])[0]))
+                                             loaded, probe_trace, tgt, neg, prompts, cfg=args.cfg,
+                                             **windows[name])[0]))
                                          for name in ("no_swap", "photoswap_shipped")}}
-    row["plain_seconds"] = plain_seconds(loaded, src, neg, args.steps)
-    trace, _ = H.record(loaded, inversions[args.swap_inversion], src, neg, args.steps)
+    row["plain_seconds"] = plain_seconds(loaded, src, neg, args.steps, args.cfg)
+    trace, _ = H.record(loaded, inversions[args.swap_inversion], src, neg, args.steps, cfg=args.cfg)
     for name, win in windows.items():
-        swapped, _source = H.swap(loaded, trace, tgt, neg, prompts, **win)
+        swapped, _source = H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg, **win)
         out = H.decode(loaded.vae, swapped)
         row["swaps"][name] = Q.swap_metrics(sc, photo, out)
         if name == "photoswap_shipped":
@@ -194,8 +195,8 @@ def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
         import torch
 
         region = part_region(sc)
-        swapped, _source = H.swap(loaded, trace, tgt, neg, prompts, region_mask=torch.from_numpy(region)[None].float(),
-                                  **SHIPPED)
+        swapped, _source = H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg,
+                                  region_mask=torch.from_numpy(region)[None].float(), **SHIPPED)
         row["part"]["region_mask"] = Q.region_metrics(photo, H.decode(loaded.vae, swapped), region)
     return row
 
@@ -227,13 +228,59 @@ def two_objects(loaded, args) -> dict:
         first = W.object_phrase(sc.objects[0], False, True)
         target = sc.caption.replace(f"a {first} and", f"a {W.CONCEPT_WORDS} and", 1)
         src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target)
-        inv, _recon, _ = H.invert(loaded, H.encode(loaded.vae, photo), src, neg, "direct", args.steps)
-        trace, _ = H.record(loaded, inv, src, neg, args.steps)
+        inv, _recon, _ = H.invert(loaded, H.encode(loaded.vae, photo), src, neg, "direct", args.steps, cfg=args.cfg)
+        trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
         for name, win in (("no_swap", OFF), ("photoswap_shipped", SHIPPED)):
-            out = H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts, **win)[0])
+            out = H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg, **win)[0])
             rows[name].append(Q.other_object_metrics(sc, photo, out) | {"caption": sc.caption, "target": target})
     return {name: Q.summarise([{k: v for k, v in r.items() if k not in ("caption", "target")} for r in rs])
             | {"examples": [(r["caption"], r["target"]) for r in rs[:2]]} for name, rs in rows.items()}
+
+
+SET_WINDOWS = ("no_swap", "photoswap_no_blend", "photoswap_shipped", "photoswap_paper")
+
+
+def same_class_scenes(seed: int, count: int) -> list[W.Scene]:
+    """Held-out one-object photos whose object is of the concept's class (a square): the paper's setting, where
+    the concept's class word takes the subject word's place ("a man" -> "a sks man") and the prompt alignment ties
+    the class word to the old subject's maps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        sc = W.sample_scene(rng, "heldout", shape=W.CONCEPT_CLASS)
+        out.append(W.Scene(sc.bg, sc.texture, sc.phase, sc.objects, W.caption_of(sc, False, True)))
+    return out
+
+
+def recolour(sc: W.Scene) -> tuple[str, str]:
+    """An edit of the world with no concept: the photo's object in another world colour (same shape). Returns
+    (old colour word, new colour word); the new colour is a fixed function of the old."""
+    colours = list(W.OBJECT_COLOURS)
+    old = sc.objects[0].colour
+    return old, colours[(colours.index(old) + 3) % len(colours)]
+
+
+def swap_set(loaded, scenes: list[W.Scene], args, edit: bool = False) -> dict:
+    """Each photo inverted (`--swap-inversion`), recorded once and swapped with each of SET_WINDOWS; the summary per
+    window set. The concept in the subject's place, or (`edit`) the photo's object recoloured by the base model, read
+    back as the new colour with the old shape."""
+    rows = {name: [] for name in SET_WINDOWS}
+    for sc in scenes:
+        photo = W.render(sc)
+        if edit:
+            old, new = recolour(sc)
+            src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, old, words=new)
+            want = {"colour": new, "shape": sc.objects[0].shape}
+        else:
+            src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc))
+            want = {}
+        inv, _recon, _ = H.invert(loaded, H.encode(loaded.vae, photo), src, neg, args.swap_inversion, args.steps,
+                                  cfg=args.cfg, inner_iterations=args.inner, learning_rate=args.null_text_lr)
+        trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
+        for name in SET_WINDOWS:
+            out = H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg, **BASELINES[name])[0])
+            rows[name].append(Q.swap_metrics(sc, photo, out, **want))
+    return {name: Q.summarise(r) for name, r in rows.items()}
 
 
 def sweep_windows(enabled: bool) -> dict:
@@ -278,10 +325,10 @@ def concept_forms(args, scenes: list[W.Scene]) -> dict:
             latent = H.encode(loaded.vae, photo)
             src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc)
                                                    .replace(W.CONCEPT_WORDS, loaded.words))
-            inv, _recon, _ = H.invert(loaded, latent, src, neg, "direct", args.steps)
-            trace, _ = H.record(loaded, inv, src, neg, args.steps)
+            inv, _recon, _ = H.invert(loaded, latent, src, neg, "direct", args.steps, cfg=args.cfg)
+            trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
             rows.append({n: Q.swap_metrics(sc, photo, H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts,
-                                                                                   **w)[0]))
+                                                                                   cfg=args.cfg, **w)[0]))
                          for n, w in (("no_swap", OFF), ("photoswap_shipped", SHIPPED))})
         out[form] = {n: Q.summarise([r[n] for r in rows]) for n in rows[0]} | {"how": loaded.how}
     return out
@@ -358,7 +405,7 @@ def meta_info(args, seconds: float) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "machine": machine() | {"load_average_end": os.getloadavg()},
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "count": args.count,
-            "steps": args.steps, "inner_iterations": args.inner, "null_text_lr": args.null_text_lr,
+            "steps": args.steps, "cfg": args.cfg, "inner_iterations": args.inner, "null_text_lr": args.null_text_lr,
             "swap_inversion": args.swap_inversion,
             "seed": args.seed, "seconds": round(seconds, 1)}
 
@@ -384,6 +431,10 @@ def run(args) -> dict:
         result["forms"] = concept_forms(args, scenes[: max(1, args.count // 2)])
     if args.multi:
         result["two_objects"] = two_objects(loaded, args)
+    if args.sets:
+        result["same_class"] = swap_set(loaded, same_class_scenes(args.seed + 500, args.count), args)
+        result["world_edit"] = swap_set(H.load_concept("base"), photo_scenes(args.seed + 600, args.count), args,
+                                        edit=True)
     result["loaded_by"] = {"dreambooth": loaded.how, "base": H.load_concept("base").how}
     result["photos"] = rows
     result["meta"] = meta_info(args, time.time() - t0)
@@ -395,6 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=24, help="held-out photos")
     ap.add_argument("--gen-count", type=int, default=48, help="held-out prompts for the generation accuracy")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=7.5,
+                    help="guidance of the inversions, the recorder and every swap (the shipped workflows' 7.5; the "
+                         "generation accuracy is always measured at 7.5)")
     ap.add_argument("--inner", type=int, default=10, help="null_text inner iterations per step at most")
     ap.add_argument("--null-text-lr", type=float, default=1e-2,
                     help="null_text Adam learning rate at step 0 (the reference's 1e-2)")
@@ -409,6 +463,10 @@ def main(argv=None) -> int:
                     help="also the LoRA and embedding forms")
     ap.add_argument("--multi", action=argparse.BooleanOptionalAction, default=True,
                     help="also two-object scenes (swap one) and a part swap through an explicit region mask (#16)")
+    ap.add_argument("--sets", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the concept swapped into photos of its own class (squares), and an edit of the world "
+                         "with the base model (the photo's object recoloured): the swap's layout transfer without a "
+                         "learned concept")
     ap.add_argument("--out", type=Path, default=RESULTS / "toyworld-cpu.json")
     ap.add_argument("--plot", type=Path, default=None, help=f"trade-off PNG (default {PLOT} for the full run)")
     ap.add_argument("--write-floors", action="store_true",
@@ -470,6 +528,10 @@ def format_summary(result: dict) -> str:
     for name, s in result.get("two_objects", {}).items():
         lines.append(f"two objects, {name}: other object kept {s['other_kept']:.2f} ({s['other_psnr_db']:.1f} dB), "
                      f"concept in place {s['identity_in_place']:.2f}")
+    for key, what in (("same_class", "concept into squares"), ("world_edit", "recolour, base model")):
+        for name, s in result.get(key, {}).items():
+            lines.append(f"{what:20s} {name:18s} identity {s['identity']:.2f} in-place {s['identity_in_place']:.2f} "
+                         f"place {s['place_error_px']:.1f}px bg {s['background_psnr_db']:.1f}dB leak {s['leakage']:.3f}")
     for name, s in result["swaps"].items():
         if not name.startswith("sweep_"):
             lines.append(f"{name:20s} identity {s['identity']:.2f} in-place {s['identity_in_place']:.2f} "

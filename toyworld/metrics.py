@@ -25,11 +25,14 @@ def concept_rate(images) -> float:
     return float(np.mean([any(d.colour == "concept" for d in D.detect(im).objects) for im in images]))
 
 
-def swap_metrics(source: W.Scene, photo: np.ndarray, out: np.ndarray) -> dict:
-    """Metrics of one swapped image `out` against its source photo and scene (one subject)."""
+def swap_metrics(source: W.Scene, photo: np.ndarray, out: np.ndarray, colour: str = "concept",
+                 shape: str | None = None) -> dict:
+    """Metrics of one swapped image `out` against its source photo and scene (one subject). The new subject is what
+    the detector reads as `colour` ("concept": the sks square; a world colour for an edit of the world, then also
+    of `shape` when given)."""
     subject = source.objects[0]
     reading = D.detect(out)
-    concepts = [d for d in reading.objects if d.colour == "concept"]
+    concepts = [d for d in reading.objects if d.colour == colour and shape in (None, d.shape)]
     best = min(concepts, key=lambda d: math.hypot(d.cx - subject.cx, d.cy - subject.cy)) if concepts else None
     outside = ~W.subject_mask(source, dilate=GROW)
     for d in reading.objects:

@@ -115,14 +115,15 @@ def tokenize(texts, cache: dict | None = None) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def new_models(seed: int):
-    """(vae, text_encoder, unet) freshly initialised from `seed`."""
+def new_models(seed: int, text_layers: int = TEXT_CONFIG["num_hidden_layers"]):
+    """(vae, text_encoder, unet) freshly initialised from `seed`; `text_layers` transformer layers in the text
+    encoder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**{k: v for k, v in VAE_CONFIG.items() if k != "scaling_factor"})
-    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    text = CLIPTextModel(CLIPTextConfig(**(TEXT_CONFIG | {"num_hidden_layers": text_layers})))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     return vae, text, unet
 

@@ -64,6 +64,7 @@ class Config:
     # reconstructions of held-out world renders (0: never); the concept renders' reading is logged beside it
     vae_eval_every: int = 100
     prediction: str = "epsilon"  # or "v_prediction" (model_io.use_prediction says why it is a choice)
+    text_layers: int = 3  # transformer layers of the text encoder (0: every token's embedding is its own)
 
 
 def world_vocab() -> list[int]:
@@ -407,7 +408,7 @@ def main(argv=None) -> int:
         ap.error("--stage vae needs --reuse-vae FILE (where the VAE is saved)")
     log = {"config": asdict(cfg), "machine": machine()}
     t0 = time.time()
-    vae, text, unet = M.new_models(cfg.seed)
+    vae, text, unet = M.new_models(cfg.seed, cfg.text_layers)
     if args.reuse_vae and args.reuse_vae.is_file():  # stage 1's result from an earlier run of this script
         from safetensors.torch import load_file
 
