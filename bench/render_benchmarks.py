@@ -205,17 +205,23 @@ def quality_meta(name: str, q: dict) -> str:
     m = q["meta"]
     mach = m["machine"]
     return (f"{mach['cpu']}, {m['torch_threads']} torch thread(s) of {mach['cpus']} CPUs; commit "
-            f"`{(m.get('commit') or '?')[:10]}`; {m['count']} held-out photos, {m['steps']} steps, null-text ≤ "
+            f"`{(m.get('commit') or '?')[:10]}`; {m['count']} held-out photos, {m['steps']} steps, cfg "
+            f"{m.get('cfg', 7.5):g}, null-text ≤ "
             f"{m['inner_iterations']} it/step, swap from the `{m['swap_inversion']}` inversion "
             f"([json](bench/results/quality/{name}))")
 
 
-def quality_swap_table(q: dict) -> list[str]:
-    head = ["setting", "identity (concept found)", "in place (≤ 4 px)", "place error px", "size error",
+SWAP_SETS = [("same_class", "the concept into photos of its own class (squares)"),
+             ("world_edit", "an edit of the world, base model: the object recoloured (identity = the new colour, "
+                            "same shape)")]
+
+
+def quality_swap_table(q: dict, swaps: dict | None = None) -> list[str]:
+    head = ["setting", "identity (new subject found)", "in place (≤ 4 px)", "place error px", "size error",
             "background PSNR dB", "leakage", "old subject left"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in SWAP_ROWS:
-        s = q["swaps"].get(key)
+        s = (q["swaps"] if swaps is None else swaps).get(key)
         if s is None:
             continue
         lines.append("| " + " | ".join([label, _f(s["identity"], ".0%"), _f(s["identity_in_place"], ".0%"),
@@ -283,12 +289,23 @@ def quality_section(results) -> list[str]:
                   f"colour {g['shape_and_colour']:.0%} (shape {g['shape']:.0%}, colour {g['colour']:.0%}, "
                   f"background colour {g['bg']:.0%}).", "", quality_detector_line(q), "", quality_inversion_line(q), "",
                   *quality_swap_table(q)]
-        lines += quality_multi_lines(q)
+        lines += quality_set_lines(q) + quality_multi_lines(q)
         for form, f in (q.get("forms") or {}).items():
             s, b = f["photoswap_shipped"], f["no_swap"]
             lines += ["", f"Concept as `{form}` (direct inversion, {s['n']} photos): shipped identity "
                           f"{_f(s['identity'], '.0%')} (no swap {_f(b['identity'], '.0%')}), background "
                           f"{_f(s['background_psnr_db'], '.1f')} dB (no swap {_f(b['background_psnr_db'], '.1f')})."]
+    return lines
+
+
+def quality_set_lines(q: dict) -> list[str]:
+    """The same windows on the other photo sets (bench/quality.py --sets), when the run measured them."""
+    lines = []
+    for key, label in SWAP_SETS:
+        if q.get(key):
+            n = next(iter(q[key].values()))["n"]
+            lines += ["", f"Swap set: {label}, {n} held-out photos, from the `{q['meta']['swap_inversion']}` "
+                          f"inversion:", "", *quality_swap_table(q, q[key])]
     return lines
 
 
@@ -316,7 +333,7 @@ def render_quality_block(results) -> str:
     body = []
     for name, q in results[:1]:
         body = [quality_meta(name, q), "", *quality_swap_table(q), "", quality_inversion_line(q),
-                *quality_multi_lines(q)]
+                *quality_set_lines(q), *quality_multi_lines(q)]
     return "\n".join([README_Q_START, "", *body, "", README_Q_END])
 
 
