@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_clips.py --family tiny --size 64 --frames 4 --steps 10
     .venv/bin/python bench/bench_clips.py --family sd15 --size 512 --frames 8 --device cuda
     .venv/bin/python bench/bench_clips.py --family toyworld --frames 4 --steps 20   # the trained toy world
+    .venv/bin/python bench/bench_clips.py --family toyworld --subject recolour      # ... its base model recolouring
 
 The clip has known motion: a synthetic image (gradients + a bright disc, bench_inversion.load_models), its disc moved
 `--shift` px to the right per frame (the background stays), VAE-encoded frame by frame as one latent batch. Per
@@ -142,14 +143,16 @@ def toyworld_clip(frames: int, shift: int, seed: int = 2024):
     raise RuntimeError("no held-out photo leaves room for the motion: use fewer frames or a smaller --shift")
 
 
-def measure_toyworld(frames=4, steps=20, shift=8) -> dict:
-    """The clip report in the trained toy world (toyworld/, the DreamBooth concept through the Concept Loader):
-    besides the latent flicker figures, per frame the detector's reading of the decoded swap -- the concept found,
-    and how far its centre is from the moving source object's (follows the motion when small)."""
+def measure_toyworld(frames=4, steps=20, shift=8, subject="concept") -> dict:
+    """The clip report in the trained toy world (toyworld/, models through the Concept Loader): besides the latent
+    flicker figures, per frame the detector's reading of the decoded swap -- the new subject found, and how far its
+    centre is from the moving source object's (follows the motion when small). `subject`: "concept" swaps in the
+    DreamBooth sks square; "recolour" has the base model recolour the object (bench/quality.py's world edit), a new
+    subject the model draws reliably, so the frame figures do not hinge on the concept's weak identity."""
     import numpy as np
     import torch
 
-    from quality import SHIPPED, target_prompt
+    from quality import SHIPPED, recolour, target_prompt
     from toyworld import harness as H
     from toyworld import metrics as Q
     from toyworld import scene as W
@@ -162,10 +165,18 @@ def measure_toyworld(frames=4, steps=20, shift=8) -> dict:
     from comfyui_photoswap.photoswap_core.swap_rules import SwapWindows
     from comfyui_photoswap.photoswap_core.swap_sampler import swap
 
-    loaded = H.load_concept("dreambooth")
     clip_scenes = toyworld_clip(frames, shift)
-    src, tgt, neg, prompts = H.prompt_pair(loaded, clip_scenes[0].caption, clip_scenes[0].objects[0].shape,
-                                           target_prompt(clip_scenes[0]))
+    if subject == "recolour":
+        loaded = H.load_concept("base")
+        old_colour, new_colour = recolour(clip_scenes[0])
+        src, tgt, neg, prompts = H.prompt_pair(loaded, clip_scenes[0].caption, old_colour, words=new_colour)
+        want = {"colour": new_colour, "shape": clip_scenes[0].objects[0].shape}
+        label = f"base model, the object recoloured {new_colour}"
+    else:
+        loaded = H.load_concept("dreambooth")
+        src, tgt, neg, prompts = H.prompt_pair(loaded, clip_scenes[0].caption, clip_scenes[0].objects[0].shape,
+                                               target_prompt(clip_scenes[0]))
+        want, label = {}, "DreamBooth sks square"
     win = SwapWindows(**SHIPPED)  # the shipped windows, as bench/quality.py names them
     model = loaded.model
     with torch.inference_mode():
@@ -175,7 +186,7 @@ def measure_toyworld(frames=4, steps=20, shift=8) -> dict:
         inv = run_inversion(model, samples, src, neg, InversionSettings(method="direct", steps=steps))
         trace = record_clip(model, src, neg, inv.schedule, 7.5, trajectory_vp=inv.trajectory,
                             null_embeddings=inv.null_embeddings, method="direct")
-        report = {"family": "toyworld (trained, DreamBooth sks square)", "size": W.SIZE, "frames": frames,
+        report = {"family": f"toyworld (trained, {label})", "subject": subject, "size": W.SIZE, "frames": frames,
                   "steps": steps, "shift_px": shift, "caption": clip_scenes[0].caption, "modes": {}}
         for mode in MODES:
             t0 = time.perf_counter()
@@ -184,7 +195,7 @@ def measure_toyworld(frames=4, steps=20, shift=8) -> dict:
             entry = consistency(result.target.float(), discs, shift // 8, result.mask)
             images = nodes.VAEDecode().decode(loaded.vae, {"samples": result.target})[0]
             images = (images.clamp(0, 1) * 255).round().byte().cpu().numpy()
-            per_frame = [Q.swap_metrics(sc, W.render(sc), img) for img, sc in zip(images, clip_scenes)]
+            per_frame = [Q.swap_metrics(sc, W.render(sc), img, **want) for img, sc in zip(images, clip_scenes)]
             offsets = [m["place_error_px"] for m in per_frame if m["identity"]]
             entry.update(seconds_per_frame=seconds / frames, identity_per_frame=[m["identity"] for m in per_frame],
                          identity=float(np.mean([m["identity"] for m in per_frame])),
@@ -203,7 +214,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{mode:<16}{e['subject_flicker']:>16.4f}{e['background_flicker']:>12.4f}"
                      f"{e['motion_error_px']:>15.2f}{e['seconds_per_frame']:>9.2f}"
                      f"{e.get('ratio_to_single', float('nan')):>10.2f}{e.get('peak_mb_per_frame', float('nan')):>10.1f}"
-                     + (f"   concept found {e['identity']:.0%}, {e['concept_offset_px']:.1f} px from the moving "
+                     + (f"   new subject found {e['identity']:.0%}, {e['concept_offset_px']:.1f} px from the moving "
                         "source object" if "identity" in e else ""))
     return "\n".join(lines)
 
@@ -217,10 +228,15 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--shift", type=int, default=8, help="disc motion in px per frame (a multiple of 8)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--subject", default="concept", choices=("concept", "recolour"),
+                        help="toyworld only: swap in the DreamBooth concept, or have the base model recolour the "
+                             "object (a new subject it draws reliably)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.family == "toyworld":
-        report = measure_toyworld(args.frames, args.steps, args.shift)
+        report = measure_toyworld(args.frames, args.steps, args.shift, args.subject)
+    elif args.subject != "concept":
+        parser.error("--subject recolour needs --family toyworld (the random-weight families draw no subject)")
     else:
         report = run(args.family, args.size, args.frames, args.steps, args.shift, args.device)
     print(format_report(report))

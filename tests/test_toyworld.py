@@ -189,3 +189,29 @@ def test_attention_probe_runs_on_the_committed_weights(tmp_path):
         assert 0 < shares["subject"] <= shares["caption_words"], (side, shares)
     assert set(result["levels"]) >= {"8x8", "4x4"}
     assert 0 < result["mask_coverage"] <= 1 and 0 < result["object_area"] < 0.5, result
+
+
+@pytest.mark.integration
+def test_clip_edit_follows_the_motion_in_every_frame(tmp_path):
+    """bench/bench_clips.py in the trained world with a new subject the base model draws reliably (the object
+    recoloured): in every frame of a clip whose object moves 8 px per frame, with every frame_attention mode, the
+    detector finds the new colour with the old shape where the moving source object is (#15's temporal benchmark)."""
+    _need_weights()
+    out = tmp_path / "clips.json"
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "bench_clips.py"), "--family", "toyworld", "--subject",
+           "recolour", "--frames", "3", "--steps", "20", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"bench_clips.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"off", "first", "keyframes"}, report["modes"]
+    for mode, entry in report["modes"].items():
+        assert entry["identity_per_frame"] == [True] * 3, (mode, entry)
+        assert entry["concept_offset_px"] <= 4.0, (mode, entry)
+
+
+@pytest.mark.unit
+def test_clip_benchmark_refuses_a_recolour_without_the_toy_world():
+    """--subject recolour needs a model that draws the world: on a random-weight family it is refused, naming why."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_clips.py"), "--family", "tiny",
+                           "--subject", "recolour"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--family toyworld" in proc.stderr, proc.stderr[-2000:]
