@@ -238,6 +238,9 @@ def two_objects(loaded, args) -> dict:
 
 
 SET_WINDOWS = ("no_swap", "photoswap_no_blend", "photoswap_shipped", "photoswap_paper")
+SWAP_SETS = {"same_class": "the concept swapped into photos of its own class (squares), the paper's setting",
+             "world_edit": "the photo's object recoloured by the base model: the swap's layout transfer without a "
+                           "learned concept"}
 
 
 def same_class_scenes(seed: int, count: int) -> list[W.Scene]:
@@ -431,8 +434,9 @@ def run(args) -> dict:
         result["forms"] = concept_forms(args, scenes[: max(1, args.count // 2)])
     if args.multi:
         result["two_objects"] = two_objects(loaded, args)
-    if args.sets:
+    if "same_class" in args.sets:
         result["same_class"] = swap_set(loaded, same_class_scenes(args.seed + 500, args.count), args)
+    if "world_edit" in args.sets:
         result["world_edit"] = swap_set(H.load_concept("base"), photo_scenes(args.seed + 600, args.count), args,
                                         edit=True)
     result["loaded_by"] = {"dreambooth": loaded.how, "base": H.load_concept("base").how}
@@ -463,10 +467,9 @@ def main(argv=None) -> int:
                     help="also the LoRA and embedding forms")
     ap.add_argument("--multi", action=argparse.BooleanOptionalAction, default=True,
                     help="also two-object scenes (swap one) and a part swap through an explicit region mask (#16)")
-    ap.add_argument("--sets", action=argparse.BooleanOptionalAction, default=True,
-                    help="also the concept swapped into photos of its own class (squares), and an edit of the world "
-                         "with the base model (the photo's object recoloured): the swap's layout transfer without a "
-                         "learned concept")
+    ap.add_argument("--sets", nargs="*", choices=SWAP_SETS, default=list(SWAP_SETS),
+                    help="the other photo sets swapped with SET_WINDOWS (default all; none: `--sets` alone): "
+                         + "; ".join(f"{k}: {v}" for k, v in SWAP_SETS.items()))
     ap.add_argument("--out", type=Path, default=RESULTS / "toyworld-cpu.json")
     ap.add_argument("--plot", type=Path, default=None, help=f"trade-off PNG (default {PLOT} for the full run)")
     ap.add_argument("--write-floors", action="store_true",
@@ -499,7 +502,11 @@ def floors_from(result: dict) -> dict:
                                   "leakage": round(s["leakage"] + 0.05, 3)},
             "part_changed_outside": round(result["part"]["region_mask"]["changed_outside"] + 0.05, 3),
             "two_objects": {"other_kept": round(max(0.0, two["other_kept"] - 0.25), 3),
-                            "other_psnr_db": round(two["other_psnr_db"] - 2.0, 2)}}
+                            "other_psnr_db": round(two["other_psnr_db"] - 2.0, 2)},
+            **({"world_edit": {"identity": round(max(0.0, e["identity"] - 0.25), 3),
+                               "identity_in_place": round(max(0.0, e["identity_in_place"] - 0.25), 3),
+                               "place_error_px": round(e["place_error_px"] + 2.0, 2)}}
+               if (e := result.get("world_edit", {}).get("photoswap_shipped")) else {})}
 
 
 def format_summary(result: dict) -> str:
