@@ -223,3 +223,17 @@ def test_clip_benchmark_refuses_a_recolour_without_the_toy_world():
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_clips.py"), "--family", "tiny",
                            "--subject", "recolour"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--family toyworld" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_concept_places_probe_runs_on_the_committed_weights(tmp_path):
+    """toyworld/probe_concept_places (docs/quality.md, "Swap sets"): it finds the committed concept's training
+    instances (the captions concept_log.json lists) and reports well-formed distances."""
+    _need_weights()
+    out = tmp_path / "places.json"
+    subprocess.run([sys.executable, "-m", "toyworld.probe_concept_places", "--count", "2", "--out", str(out)],
+                   cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert len(result["instances"]) == 8 and len(result["world_places"]) == 2, result
+    assert len(result["to_instance_px"]) == round(result["concept_found"] * 2), result
+    assert all(0 <= d < W.SIZE * 1.5 for d in result["to_instance_px"] + result["world_to_instance_px"]), result
