@@ -81,18 +81,9 @@ def target_prompt(scene: W.Scene) -> str:
 
 def generation_accuracy(count: int, steps: int, seed: int) -> dict:
     """The base model's generations for held-out prompts (ComfyUI KSampler, DDIM, cfg 7.5) read by the detector."""
-    import nodes
-    import torch
-
     rows, loaded = [], H.load_concept("base")
     for i, sc in enumerate(photo_scenes(seed + 1, count)):
-        with torch.inference_mode():
-            pos = nodes.CLIPTextEncode().encode(loaded.clip, sc.caption)[0]
-            neg = nodes.CLIPTextEncode().encode(loaded.clip, "")[0]
-            empty = {"samples": torch.zeros(1, 4, W.SIZE // 8, W.SIZE // 8)}
-            lat = nodes.common_ksampler(loaded.model, seed + i, steps, 7.5, "ddim", "ddim_uniform", pos, neg,
-                                        empty)[0]
-        rows.append(Q.generation_correct(H.decode(loaded.vae, lat), sc))
+        rows.append(Q.generation_correct(H.generate(loaded, sc.caption, seed + i, steps), sc))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows), "steps": steps}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import model_io as M
+from . import scene as W
 
 _STATE: dict = {}
 
@@ -97,6 +98,18 @@ def load_concept(form: str) -> Loaded:
     loaded = Loaded(model, clip, vae, concept, how)
     _STATE.setdefault("forms", {})[form] = loaded
     return loaded
+
+
+def generate(loaded: Loaded, prompt: str, seed: int, steps: int, cfg: float = 7.5) -> np.ndarray:
+    """One text-to-image generation through ComfyUI (CLIPTextEncode, KSampler DDIM, empty negative), decoded."""
+    import nodes
+
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(loaded.clip, prompt)[0]
+        neg = nodes.CLIPTextEncode().encode(loaded.clip, "")[0]
+        empty = {"samples": torch.zeros(1, 4, W.SIZE // 8, W.SIZE // 8)}
+        lat = nodes.common_ksampler(loaded.model, seed, steps, cfg, "ddim", "ddim_uniform", pos, neg, empty)[0]
+    return decode(loaded.vae, lat)
 
 
 def encode(vae, image: np.ndarray) -> dict:

@@ -31,12 +31,11 @@ from .train_concept import instance_data
 
 STEPS = 20
 CFG = 7.5
-INSTANCE_SEED = 10  # train_concept's default --seed 0, + 10 for the instances
 
 
 def instance_centres() -> list[tuple[float, float]]:
     """The committed concept's training-instance centres; refuses when they are not the instances it was trained on."""
-    scenes, _ = instance_data(INSTANCE_SEED)
+    scenes, _ = instance_data()
     log = json.loads((M.WEIGHTS / "concept_log.json").read_text())
     if [sc.caption for sc in scenes] != log["instances"]:
         raise RuntimeError("toyworld/weights/concept_log.json lists other instances than train_concept's default "
@@ -49,9 +48,7 @@ def nearest(places: list[tuple[float, float]], to: list[tuple[float, float]]) ->
 
 
 def probe(count: int, form: str, seed: int) -> dict:
-    H.boot()  # ComfyUI first: its nodes.py, not the pack's nodes/ package
-    import nodes
-
+    H.boot()
     loaded = H.load_concept(form)
     inst = instance_centres()
     rng = np.random.default_rng(seed)
@@ -59,13 +56,8 @@ def probe(count: int, form: str, seed: int) -> dict:
     for i in range(count):
         bg, texture = str(rng.choice(list(W.BG_COLOURS))), str(rng.choice(W.TEXTURES))
         prompt = f"a photo of a {loaded.words} on a {W.background_phrase(bg, texture)}"
-        with torch.inference_mode():
-            pos = nodes.CLIPTextEncode().encode(loaded.clip, prompt)[0]
-            neg = nodes.CLIPTextEncode().encode(loaded.clip, "")[0]
-            empty = {"samples": torch.zeros(1, 4, W.SIZE // 8, W.SIZE // 8)}
-            lat = nodes.common_ksampler(loaded.model, seed + i, STEPS, CFG, "ddim", "ddim_uniform", pos, neg,
-                                        empty)[0]
-        concepts = [d for d in D.detect(H.decode(loaded.vae, lat)).objects if d.colour == "concept"]
+        image = H.generate(loaded, prompt, seed + i, STEPS, CFG)
+        concepts = [d for d in D.detect(image).objects if d.colour == "concept"]
         prompts.append(prompt)
         found += [(d.cx, d.cy) for d in concepts[:1]]
     world = [(sc.objects[0].cx, sc.objects[0].cy)

@@ -31,11 +31,12 @@ from . import scene as W
 INSTANCES = 8
 CLASS_IMAGES = 48
 SKS = 48136  # CLIP id of "sks"
+DEFAULT_SEED = 0
 
 
-def instance_data(seed: int):
-    """(scenes, uint8 images) of the concept: the striped square on varied backgrounds."""
-    sc = W.scenes(seed, INSTANCES, "any", concept=True)
+def instance_data(seed: int = DEFAULT_SEED):
+    """(scenes, uint8 images) of the concept: the striped square on varied backgrounds (`seed`: the run's --seed)."""
+    sc = W.scenes(seed + 10, INSTANCES, "any", concept=True)
     return sc, W.render_batch(sc)
 
 
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=M.WEIGHTS / M.BASE_NAME)
     ap.add_argument("--out", type=Path, default=M.WEIGHTS)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=500, help="DreamBooth and LoRA steps")
     ap.add_argument("--ti-steps", type=int, default=400)
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     M.use_prediction(M.folder_prediction(args.base))  # the concept learns the base's own objective
     for m in (vae, text, unet):
         m.eval().requires_grad_(False)
-    inst_scenes, inst_imgs = instance_data(args.seed + 10)
+    inst_scenes, inst_imgs = instance_data(args.seed)
     inst = (M.tokenize([s.caption for s in inst_scenes]), S.encode(vae, inst_imgs))
     cls_prompts, cls_lat = class_data(unet, text, vae, args.seed + 11)
     cls = (M.tokenize(cls_prompts), cls_lat)
