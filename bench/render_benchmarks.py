@@ -216,12 +216,13 @@ SWAP_SETS = [("same_class", "the concept into photos of its own class (squares)"
                             "same shape)")]
 
 
-def quality_swap_table(q: dict, swaps: dict | None = None) -> list[str]:
+def quality_swap_table(swaps: dict) -> list[str]:
+    """One row per SWAP_ROWS setting the run measured: {setting: summary} (a run's `swaps`, or one swap set)."""
     head = ["setting", "identity (new subject found)", "in place (≤ 4 px)", "place error px", "size error",
             "background PSNR dB", "leakage", "old subject left"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in SWAP_ROWS:
-        s = (q["swaps"] if swaps is None else swaps).get(key)
+        s = swaps.get(key)
         if s is None:
             continue
         lines.append("| " + " | ".join([label, _f(s["identity"], ".0%"), _f(s["identity_in_place"], ".0%"),
@@ -288,7 +289,7 @@ def quality_section(results) -> list[str]:
                   f"Base model, held-out prompts ({g['n']}, KSampler {g['steps']} steps): captioned shape and "
                   f"colour {g['shape_and_colour']:.0%} (shape {g['shape']:.0%}, colour {g['colour']:.0%}, "
                   f"background colour {g['bg']:.0%}).", "", quality_detector_line(q), "", quality_inversion_line(q), "",
-                  *quality_swap_table(q)]
+                  *quality_swap_table(q["swaps"])]
         lines += quality_set_lines(q) + quality_multi_lines(q)
         for form, f in (q.get("forms") or {}).items():
             s, b = f["photoswap_shipped"], f["no_swap"]
@@ -305,7 +306,7 @@ def quality_set_lines(q: dict) -> list[str]:
         if q.get(key):
             n = next(iter(q[key].values()))["n"]
             lines += ["", f"Swap set: {label}, {n} held-out photos, from the `{q['meta']['swap_inversion']}` "
-                          f"inversion:", "", *quality_swap_table(q, q[key])]
+                          f"inversion:", "", *quality_swap_table(q[key])]
     return lines
 
 
@@ -332,7 +333,7 @@ def quality_multi_lines(q: dict) -> list[str]:
 def render_quality_block(results) -> str:
     body = []
     for name, q in results[:1]:
-        body = [quality_meta(name, q), "", *quality_swap_table(q), "", quality_inversion_line(q),
+        body = [quality_meta(name, q), "", *quality_swap_table(q["swaps"]), "", quality_inversion_line(q),
                 *quality_set_lines(q), *quality_multi_lines(q)]
     return "\n".join([README_Q_START, "", *body, "", README_Q_END])
 
