@@ -20,6 +20,7 @@ import pytest
 from toyworld import detector as D  # the repo root is on sys.path (appended by conftest.py)
 from toyworld import model_io as M
 from toyworld import scene as W
+from toyworld import train_concept as T
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,6 +235,6 @@ def test_concept_places_probe_runs_on_the_committed_weights(tmp_path):
     subprocess.run([sys.executable, "-m", "toyworld.probe_concept_places", "--count", "2", "--out", str(out)],
                    cwd=REPO_ROOT, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
-    assert len(result["instances"]) == 8 and len(result["world_places"]) == 2, result
+    assert len(result["instances"]) == T.INSTANCES and len(result["world_places"]) == 2, result
     assert len(result["to_instance_px"]) == round(result["concept_found"] * 2), result
     assert all(0 <= d < W.SIZE * 1.5 for d in result["to_instance_px"] + result["world_to_instance_px"]), result
