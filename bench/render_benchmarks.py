@@ -276,6 +276,14 @@ def quality_detector_line(q: dict) -> str:
             f"{d['vae_round_trip']['colour']:.0%}).")
 
 
+def generation_misses(g: dict) -> str:
+    """'; misses: blue square read as blue circle (2), ...' from the generation figures (none before they were kept)."""
+    misses = g.get("misses")
+    if not misses:
+        return ""
+    return "; misses: " + ", ".join(f"{k} ({n})" for k, n in misses.items())
+
+
 def quality_section(results) -> list[str]:
     if not results:
         return []
@@ -288,7 +296,8 @@ def quality_section(results) -> list[str]:
         lines += ["", f"### `{name}`", "", quality_meta(name, q), "",
                   f"Base model, held-out prompts ({g['n']}, KSampler {g['steps']} steps): captioned shape and "
                   f"colour {g['shape_and_colour']:.0%} (shape {g['shape']:.0%}, colour {g['colour']:.0%}, "
-                  f"background colour {g['bg']:.0%}).", "", quality_detector_line(q), "", quality_inversion_line(q), "",
+                  f"background colour {g['bg']:.0%}){generation_misses(g)}.", "", quality_detector_line(q), "",
+                  quality_inversion_line(q), "",
                   *quality_swap_table(q["swaps"])]
         lines += quality_set_lines(q) + quality_multi_lines(q)
         for form, f in (q.get("forms") or {}).items():

@@ -147,6 +147,7 @@ def test_quality_floors(tmp_path):
     assert shipped["background_psnr_db"] > none["background_psnr_db"], (shipped, none)
     assert shipped["leakage"] < none["leakage"], (shipped, none)
     assert shipped["place_error_px"] < none["place_error_px"], (shipped, none)
+    assert shipped["identity_in_place"] > none["identity_in_place"], (shipped, none)  # the concept where the old was
     # inversion: the pinned methods reconstruct through the VAE; null-text is at least as good as plain DDIM
     assert inv["direct"]["psnr_db"] >= floors["direct_psnr_db"], inv
     assert inv["null_text"]["psnr_db"] >= inv["ddim"]["psnr_db"] - 0.5, inv

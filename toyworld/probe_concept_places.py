@@ -1,7 +1,7 @@
 """Where does a concept form draw its subject? Near its training instances (memorised places) or anywhere?
 
 Why: in the toy world the swap keeps the place of a new subject the base model draws (bench/quality.py's world edit)
-but not of the DreamBooth concept; its generations looked as if the concept sits where its 8 training instances sat.
+but not of the first DreamBooth concept; its generations looked as if the concept sits where its training instances sat.
 This measures it, through the pack's Concept Loader and ComfyUI's KSampler:
 
     .venv/bin/python -m toyworld.probe_concept_places [--count 16] [--form dreambooth|lora|embedding] [--out FILE]

@@ -38,10 +38,9 @@ INSTANCE_CELLS = ((0, 0), (2, 0), (1, 1), (0, 2), (2, 2), (1, 0), (0, 1), (2, 1)
 
 
 def instance_data(seed: int = DEFAULT_SEED):
-    """(scenes, uint8 images) of the concept (`seed`: the run's --seed). Why this layout: with 8 instances at random
-    places and backgrounds, the concept model drew the concept only where and on what it was shown (in 1 of 16
-    held-out target prompts through ComfyUI; docs/quality.md), so the instances cover every background colour twice
-    and spread over the frame."""
+    """(scenes, uint8 images) of the concept (`seed`: the run's --seed). Why this layout: trained on 8 instances at
+    random places and backgrounds, the concept was drawn near those places (toyworld/probe_concept_places; the first
+    concept in docs/quality.md), so the instances cover every background colour twice and spread over the frame."""
     rng = np.random.default_rng(seed + 10)
     out = []
     for k, (gx, gy) in enumerate(INSTANCE_CELLS):
