@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_clips.py --family sd15 --size 512 --frames 8 --device cuda
     .venv/bin/python bench/bench_clips.py --family toyworld --frames 4 --steps 20   # the trained toy world
     .venv/bin/python bench/bench_clips.py --family toyworld --subject recolour      # ... its base model recolouring
+    .venv/bin/python bench/bench_clips.py --family toyworld --photos same_class     # ... a square, the concept's class
 
 The clip has known motion: a synthetic image (gradients + a bright disc, bench_inversion.load_models), its disc moved
 `--shift` px to the right per frame (the background stays), VAE-encoded frame by frame as one latent batch. Per
@@ -129,26 +130,31 @@ def measure(model, clip, vae, size=64, frames=4, steps=10, shift=8, device="cpu"
     return report
 
 
-def toyworld_clip(frames: int, shift: int, seed: int = 2024):
-    """A held-out toy-world photo whose object moves `shift` px right per frame (the background stays): the scenes."""
+CLIP_PHOTOS = ("heldout", "same_class")  # bench/quality.py's held-out photos, or its photos of the concept's class
+
+
+def toyworld_clip(frames: int, shift: int, seed: int = 2024, photos: str = "heldout"):
+    """A toy-world photo (one of `photos`, CLIP_PHOTOS) whose object moves `shift` px right per frame (the background
+    stays): the scenes."""
     from dataclasses import replace
 
-    from quality import photo_scenes
+    from quality import photo_scenes, same_class_scenes
     from toyworld import scene as W
 
-    for sc in photo_scenes(seed, 64):
+    for sc in photo_scenes(seed, 64) if photos == "heldout" else same_class_scenes(seed + 500, 64):
         o = sc.objects[0]
         if o.cx + (frames - 1) * shift + o.side / 2 <= W.SIZE - 4:
             return [replace(sc, objects=(replace(o, cx=o.cx + f * shift),)) for f in range(frames)]
     raise RuntimeError("no held-out photo leaves room for the motion: use fewer frames or a smaller --shift")
 
 
-def measure_toyworld(frames=4, steps=20, shift=8, subject="concept") -> dict:
+def measure_toyworld(frames=4, steps=20, shift=8, subject="concept", photos="heldout") -> dict:
     """The clip report in the trained toy world (toyworld/, models through the Concept Loader): besides the latent
     flicker figures, per frame the detector's reading of the decoded swap -- the new subject found, and how far its
     centre is from the moving source object's (follows the motion when small). `subject`: "concept" swaps in the
     DreamBooth sks square; "recolour" has the base model recolour the object (bench/quality.py's world edit), a new
-    subject the model draws reliably, so the frame figures do not hinge on the concept's weak identity."""
+    subject the model draws reliably, so the frame figures do not hinge on the concept's weak identity. `photos`
+    "same_class" moves a square (the concept's class, where the concept is found most often)."""
     import numpy as np
     import torch
 
@@ -165,7 +171,7 @@ def measure_toyworld(frames=4, steps=20, shift=8, subject="concept") -> dict:
     from comfyui_photoswap.photoswap_core.swap_rules import SwapWindows
     from comfyui_photoswap.photoswap_core.swap_sampler import swap
 
-    clip_scenes = toyworld_clip(frames, shift)
+    clip_scenes = toyworld_clip(frames, shift, photos=photos)
     if subject == "recolour":
         loaded = H.load_concept("base")
         old_colour, new_colour = recolour(clip_scenes[0])
@@ -186,7 +192,8 @@ def measure_toyworld(frames=4, steps=20, shift=8, subject="concept") -> dict:
         inv = run_inversion(model, samples, src, neg, InversionSettings(method="direct", steps=steps))
         trace = record_clip(model, src, neg, inv.schedule, 7.5, trajectory_vp=inv.trajectory,
                             null_embeddings=inv.null_embeddings, method="direct")
-        report = {"family": f"toyworld (trained, {label})", "subject": subject, "size": W.SIZE, "frames": frames,
+        report = {"family": f"toyworld (trained, {label})", "subject": subject, "photos": photos, "size": W.SIZE,
+                  "frames": frames,
                   "steps": steps, "shift_px": shift, "caption": clip_scenes[0].caption, "modes": {}}
         for mode in MODES:
             t0 = time.perf_counter()
@@ -231,12 +238,16 @@ def main(argv=None) -> int:
     parser.add_argument("--subject", default="concept", choices=("concept", "recolour"),
                         help="toyworld only: swap in the DreamBooth concept, or have the base model recolour the "
                              "object (a new subject it draws reliably)")
+    parser.add_argument("--photos", default="heldout", choices=CLIP_PHOTOS,
+                        help="toyworld only: the moving object from bench/quality.py's held-out photos, or a square "
+                             "from its same_class photos (the concept's class)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.family == "toyworld":
-        report = measure_toyworld(args.frames, args.steps, args.shift, args.subject)
-    elif args.subject != "concept":
-        parser.error("--subject recolour needs --family toyworld (the random-weight families draw no subject)")
+        report = measure_toyworld(args.frames, args.steps, args.shift, args.subject, args.photos)
+    elif args.subject != "concept" or args.photos != "heldout":
+        parser.error("--subject recolour and --photos same_class need --family toyworld (the random-weight families "
+                     "draw no subject)")
     else:
         report = run(args.family, args.size, args.frames, args.steps, args.shift, args.device)
     print(format_report(report))

@@ -220,10 +220,12 @@ def test_clip_edit_follows_the_motion_in_every_frame(tmp_path):
 
 
 @pytest.mark.unit
-def test_clip_benchmark_refuses_a_recolour_without_the_toy_world():
-    """--subject recolour needs a model that draws the world: on a random-weight family it is refused, naming why."""
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_clips.py"), "--family", "tiny",
-                           "--subject", "recolour"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("option", [("--subject", "recolour"), ("--photos", "same_class")])
+def test_clip_benchmark_refuses_toy_world_options_without_the_toy_world(option):
+    """--subject recolour and --photos same_class need a model that draws the world: on a random-weight family they
+    are refused, naming why."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_clips.py"), "--family", "tiny", *option],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--family toyworld" in proc.stderr, proc.stderr[-2000:]
 
 
