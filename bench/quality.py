@@ -84,24 +84,19 @@ def target_prompt(scene: W.Scene) -> str:
 def generation_accuracy(count: int, steps: int, seed: int, sheet: Path | None = None) -> dict:
     """The base model's generations for held-out prompts (ComfyUI KSampler, DDIM, cfg 7.5) read by the detector;
     what each miss was read as, and (`sheet`) a PNG of the missed generations, left to right, to look at."""
-    from toyworld import detector as D
-
     rows, misses, missed, loaded = [], collections.Counter(), [], H.load_concept("base")
     for i, sc in enumerate(photo_scenes(seed + 1, count)):
         img = H.generate(loaded, sc.caption, seed + i, steps)
         rows.append(Q.generation_correct(img, sc))
         if not rows[-1]["shape_and_colour"]:
-            got = D.detect(img, max_objects=1).objects
-            misses[f"{sc.objects[0].colour} {sc.objects[0].shape} read as "
-                   + (f"{got[0].colour} {got[0].shape}" if got else "nothing")] += 1
+            misses[f"{sc.objects[0].colour} {sc.objects[0].shape} read as {rows[-1]['read_as']}"] += 1
             missed.append(img)
     if sheet and missed:
         from PIL import Image
 
         strip = np.concatenate(missed, axis=1)
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(sheet)
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows), "steps": steps,
-                                                                          "misses": dict(misses.most_common())}
+    return Q.summarise(rows) | {"steps": steps, "misses": dict(misses.most_common())}
 
 
 def detector_figures(count: int, seed: int) -> dict:
@@ -421,7 +416,8 @@ def meta_info(args, seconds: float) -> dict:
             "seed": args.seed, "seconds": round(seconds, 1)}
 
 
-def run(args) -> dict:
+def run(args, misses_png: Path | None = None) -> dict:
+    """The whole benchmark as one json-able dict; `misses_png`: where to draw the missed base generations."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -436,7 +432,7 @@ def run(args) -> dict:
         print(f"[quality] photo {i + 1}/{len(scenes)} {sc.caption!r}: shipped identity {s['identity']}, "
               f"background {s['background_psnr_db']:.1f} dB ({time.time() - t0:.0f} s)", flush=True)
     result = aggregate(rows, args.inner, args.null_text_lr_probe)
-    result["generation"] = generation_accuracy(args.gen_count, args.steps, args.seed + 100, args.misses_png)
+    result["generation"] = generation_accuracy(args.gen_count, args.steps, args.seed + 100, misses_png)
     result["detector"] = detector_figures(max(40, args.gen_count * 2), args.seed + 200)
     if args.forms:
         result["forms"] = concept_forms(args, scenes[: max(1, args.count // 2)])
@@ -484,8 +480,8 @@ def main(argv=None) -> int:
                     help=f"also write {FLOORS.relative_to(REPO_ROOT)} from this run (run it at the CI test's size)")
     args = ap.parse_args(argv)
     plot = args.plot or (PLOT if args.sweep and args.out == RESULTS / "toyworld-cpu.json" else None)
-    args.misses_png = MISSES_PNG if plot == PLOT else None
-    result = run(args)
+    misses_png = MISSES_PNG if plot == PLOT else None
+    result = run(args, misses_png)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
     if args.write_floors:
@@ -494,7 +490,7 @@ def main(argv=None) -> int:
     if plot:
         plot_tradeoff(result, plot)
     print(format_summary(result))
-    print(f"[quality] wrote {args.out}" + "".join(f" and {p}" for p in (plot, args.misses_png) if p))
+    print(f"[quality] wrote {args.out}" + "".join(f" and {p}" for p in (plot, misses_png) if p))
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,26 @@ def test_detector_reads_clean_renders():
     # and it can fail: a flat image has no object, a moved object is out of place
     flat = np.zeros((W.SIZE, W.SIZE, 3), np.uint8) + 120
     assert not D.matches(D.detect(flat), scenes[0])["all"]
+
+
+@pytest.mark.unit
+def test_generation_reading_names_what_a_miss_was_read_as():
+    """generation_correct scores a generation against its caption and says what the detector read; the summary
+    averages the scores and leaves the reading out."""
+    from toyworld import metrics as Q
+
+    sc = W.scenes(21, 1, "heldout")[0]
+    o = sc.objects[0]
+    hit = Q.generation_correct(W.render(sc), sc)
+    assert hit["shape_and_colour"] and hit["read_as"] == f"{o.colour} {o.shape}"
+    other = next(c for c in W.OBJECT_COLOURS if c != o.colour)
+    wrong = W.Scene(sc.bg, sc.texture, sc.phase, (replace(o, colour=other),), sc.caption)
+    miss = Q.generation_correct(W.render(wrong), sc)
+    assert not miss["colour"] and not miss["shape_and_colour"] and miss["read_as"] == f"{other} {o.shape}"
+    flat = np.zeros((W.SIZE, W.SIZE, 3), np.uint8) + 120
+    assert Q.generation_correct(flat, sc)["read_as"] == "nothing"
+    summary = Q.summarise([hit, miss])
+    assert summary["shape_and_colour"] == 0.5 and summary["n"] == 2 and "read_as" not in summary
 
 
 @pytest.mark.unit

@@ -52,10 +52,13 @@ def swap_metrics(source: W.Scene, photo: np.ndarray, out: np.ndarray, colour: st
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Mean of every metric over photos (rates for booleans; NaNs -- no concept found -- left out and counted)."""
+    """Mean of every metric over photos (rates for booleans; NaNs -- no concept found -- left out and counted;
+    text, such as a reading, is not averaged)."""
     out = {"n": len(rows)}
     for key in rows[0] if rows else []:
         vals = [r[key] for r in rows]
+        if isinstance(vals[0], str):
+            continue
         if isinstance(vals[0], bool):
             out[key] = float(np.mean(vals))
         else:
@@ -71,12 +74,14 @@ def inversion_psnr(photo: np.ndarray, reconstruction: np.ndarray) -> float:
 
 
 def generation_correct(img: np.ndarray, truth: W.Scene) -> dict:
-    """Does a generation for `truth`'s caption show its (single) object's shape and colour, and its background?"""
+    """Does a generation for `truth`'s caption show its (single) object's shape and colour, and its background?
+    `read_as` says what the detector read instead ("nothing" when it found no object), to name a miss."""
     r = D.detect(img, max_objects=1)
     o = truth.objects[0]
     got = r.objects[0] if r.objects else None
     shape, colour = bool(got and got.shape == o.shape), bool(got and got.colour == o.colour)
-    return {"shape": shape, "colour": colour, "shape_and_colour": shape and colour, "bg": r.bg == truth.bg}
+    return {"shape": shape, "colour": colour, "shape_and_colour": shape and colour, "bg": r.bg == truth.bg,
+            "read_as": f"{got.colour} {got.shape}" if got else "nothing"}
 
 
 def other_object_metrics(source: W.Scene, photo: np.ndarray, out: np.ndarray, swapped: int = 0) -> dict:

@@ -27,13 +27,13 @@ from . import model_io as M
 from . import sampling as S
 from . import scene as W
 from . import train_base as T
-from .metrics import generation_correct
+from .metrics import generation_correct, summarise
 
 
 def agreement(unet, text, vae, scenes_, latents) -> dict:
     imgs = S.generate(unet, text, vae, [s.caption for s in scenes_], 20, 7.5, 0, latents=latents)
     rows = [generation_correct(i, s) for i, s in zip(imgs, scenes_)]
-    return {k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0]}
+    return {k: round(v, 3) for k, v in summarise(rows).items()}
 
 
 def prompt_sets(cfg: T.Config) -> dict:

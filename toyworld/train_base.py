@@ -286,14 +286,14 @@ EXTRA_EVAL_CFGS = (3.0, 5.0)  # the curve also reports these guidance scales (ch
 def eval_generations(unet, text, vae, cfg: Config, seed: int) -> dict:
     """Detector agreement of generations for held-out prompts (diffusers DDIM; the curve's points), at `eval_cfg`
     and, under "by_cfg", at EXTRA_EVAL_CFGS (which guidance the small model draws best at)."""
-    from .metrics import generation_correct
+    from .metrics import generation_correct, summarise
 
     scenes_ = heldout_prompts(cfg)
     out = {}
     for scale in (cfg.eval_cfg,) + EXTRA_EVAL_CFGS:
         imgs = S.generate(unet, text, vae, [s.caption for s in scenes_], cfg.eval_steps, scale, seed)
         rows = [generation_correct(img, sc) for img, sc in zip(imgs, scenes_)]
-        out[scale] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows)}
+        out[scale] = summarise(rows)
     return out[cfg.eval_cfg] | {"by_cfg": {f"{k:g}": v["shape_and_colour"] for k, v in out.items()}}
 
 
