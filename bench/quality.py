@@ -60,6 +60,9 @@ BASELINES = {
     "photoswap_no_blend": dict(SHIPPED, local_blend=False),
     "photoswap_shipped": SHIPPED,
     "photoswap_paper": dict(SHIPPED, self_output=0.2, self_map=0.3, cross_map=0.4),
+    # the shipped windows with the Prompt Pair's concept_maps = "subject": the concept's tokens take the subject's
+    # cross-attention maps (the reference keeps the concept's own maps: "own")
+    "photoswap_subject_maps": dict(SHIPPED, concept_maps="subject"),
 }
 SWEEP_SELF = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 SWEEP_CROSS = (0.2, 0.6, 1.0)
@@ -79,6 +82,22 @@ def target_prompt(scene: W.Scene) -> str:
     """The photo's caption with its object replaced by the concept words (the colour word goes: the concept has
     its own colours)."""
     return f"a photo of a {W.CONCEPT_WORDS} {W.background_phrase(scene.bg, scene.texture)}"
+
+
+def prompt_pairs(loaded, caption: str, subject: str, target: str = "", words: str | None = None):
+    """(source, target, negative conditioning, {concept_maps: PHOTOSWAP_PROMPTS}) from the Prompt Pair node, with
+    each concept_maps choice the baselines use ("own" when a window set names none)."""
+    pairs = {}
+    for maps in sorted({w.get("concept_maps", "own") for w in BASELINES.values()}):
+        src, tgt, neg, pairs[maps] = H.prompt_pair(loaded, caption, subject, target, words=words, concept_maps=maps)
+    return src, tgt, neg, pairs
+
+
+def swap_with(loaded, trace, tgt, neg, pairs: dict, cfg: float, windows: dict) -> np.ndarray:
+    """The swap at one window set (its concept_maps picks the prompt pair), decoded to a uint8 image."""
+    windows = dict(windows)
+    prompts = pairs[windows.pop("concept_maps", "own")]
+    return H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts, cfg=cfg, **windows)[0])
 
 
 def generation_accuracy(count: int, steps: int, seed: int, sheet: Path | None = None) -> dict:
@@ -163,7 +182,7 @@ def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
     """Inversions and every swap setting for one photo."""
     photo = W.render(sc)
     latent = H.encode(loaded.vae, photo)
-    src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc))
+    src, tgt, neg, pairs = prompt_pairs(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc))
     row = {"caption": sc.caption, "inversion": {}, "swaps": {}}
     inversions = {}
     for method in METHODS:
@@ -182,15 +201,13 @@ def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
         probe_trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
         row["null_text_lr_probe"] = {"psnr_db": Q.inversion_psnr(photo, recon), "seconds": secs,
                                      "inner_iterations": iters, "step_mse": step_mse(inv), "swaps": {
-                                         name: Q.swap_metrics(sc, photo, H.decode(loaded.vae, H.swap(
-                                             loaded, probe_trace, tgt, neg, prompts, cfg=args.cfg,
-                                             **windows[name])[0]))
+                                         name: Q.swap_metrics(sc, photo, swap_with(
+                                             loaded, probe_trace, tgt, neg, pairs, args.cfg, windows[name]))
                                          for name in ("no_swap", "photoswap_shipped")}}
     row["plain_seconds"] = plain_seconds(loaded, src, neg, args.steps, args.cfg)
     trace, _ = H.record(loaded, inversions[args.swap_inversion], src, neg, args.steps, cfg=args.cfg)
     for name, win in windows.items():
-        swapped, _source = H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg, **win)
-        out = H.decode(loaded.vae, swapped)
+        out = swap_with(loaded, trace, tgt, neg, pairs, args.cfg, win)
         row["swaps"][name] = Q.swap_metrics(sc, photo, out)
         if name == "photoswap_shipped":
             row["part"] = {"unrestricted": Q.region_metrics(photo, out, part_region(sc))}
@@ -198,9 +215,9 @@ def run_photo(loaded, sc: W.Scene, args, windows: dict) -> dict:
         import torch
 
         region = part_region(sc)
-        swapped, _source = H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg,
-                                  region_mask=torch.from_numpy(region)[None].float(), **SHIPPED)
-        row["part"]["region_mask"] = Q.region_metrics(photo, H.decode(loaded.vae, swapped), region)
+        out = swap_with(loaded, trace, tgt, neg, pairs, args.cfg,
+                        dict(SHIPPED, region_mask=torch.from_numpy(region)[None].float()))
+        row["part"]["region_mask"] = Q.region_metrics(photo, out, region)
     return row
 
 
@@ -230,17 +247,18 @@ def two_objects(loaded, args) -> dict:
         photo = W.render(sc)
         first = W.object_phrase(sc.objects[0], False, True)
         target = sc.caption.replace(f"a {first} and", f"a {W.CONCEPT_WORDS} and", 1)
-        src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target)
+        src, tgt, neg, pairs = prompt_pairs(loaded, sc.caption, sc.objects[0].shape, target)
         inv, _recon, _ = H.invert(loaded, H.encode(loaded.vae, photo), src, neg, "direct", args.steps, cfg=args.cfg)
         trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
         for name, win in (("no_swap", OFF), ("photoswap_shipped", SHIPPED)):
-            out = H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg, **win)[0])
+            out = swap_with(loaded, trace, tgt, neg, pairs, args.cfg, win)
             rows[name].append(Q.other_object_metrics(sc, photo, out) | {"caption": sc.caption, "target": target})
     return {name: Q.summarise([{k: v for k, v in r.items() if k not in ("caption", "target")} for r in rs])
             | {"examples": [(r["caption"], r["target"]) for r in rs[:2]]} for name, rs in rows.items()}
 
 
-SET_WINDOWS = ("no_swap", "photoswap_no_blend", "photoswap_shipped", "photoswap_paper")
+SET_WINDOWS = ("no_swap", "photoswap_no_blend", "photoswap_shipped", "photoswap_paper",
+               "photoswap_subject_maps")
 SWAP_SETS = {"same_class": "the concept swapped into photos of its own class (squares), the paper's setting",
              "world_edit": "the photo's object recoloured by the base model: the swap's layout transfer without a "
                            "learned concept"}
@@ -275,17 +293,17 @@ def swap_set(loaded, scenes: list[W.Scene], args, edit: bool = False) -> dict:
         photo = W.render(sc)
         if edit:
             old, new = recolour(sc)
-            src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, old, words=new)
+            src, tgt, neg, pairs = prompt_pairs(loaded, sc.caption, old, words=new)
             want = {"colour": new, "shape": sc.objects[0].shape}
         else:
-            src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc))
+            src, tgt, neg, pairs = prompt_pairs(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc))
             want = {}
         inv, _recon, _ = H.invert(loaded, H.encode(loaded.vae, photo), src, neg, args.swap_inversion, args.steps,
                                   cfg=args.cfg, inner_iterations=args.inner, learning_rate=args.null_text_lr)
         trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
         for name in SET_WINDOWS:
-            out = H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts, cfg=args.cfg, **BASELINES[name])[0])
-            rows[name].append(Q.swap_metrics(sc, photo, out, **want))
+            rows[name].append(Q.swap_metrics(sc, photo, swap_with(loaded, trace, tgt, neg, pairs, args.cfg,
+                                                                  BASELINES[name]), **want))
     return {name: Q.summarise(r) for name, r in rows.items()}
 
 
@@ -329,12 +347,11 @@ def concept_forms(args, scenes: list[W.Scene]) -> dict:
         for sc in scenes:
             photo = W.render(sc)
             latent = H.encode(loaded.vae, photo)
-            src, tgt, neg, prompts = H.prompt_pair(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc)
-                                                   .replace(W.CONCEPT_WORDS, loaded.words))
+            src, tgt, neg, pairs = prompt_pairs(loaded, sc.caption, sc.objects[0].shape, target_prompt(sc)
+                                                .replace(W.CONCEPT_WORDS, loaded.words))
             inv, _recon, _ = H.invert(loaded, latent, src, neg, "direct", args.steps, cfg=args.cfg)
             trace, _ = H.record(loaded, inv, src, neg, args.steps, cfg=args.cfg)
-            rows.append({n: Q.swap_metrics(sc, photo, H.decode(loaded.vae, H.swap(loaded, trace, tgt, neg, prompts,
-                                                                                   cfg=args.cfg, **w)[0]))
+            rows.append({n: Q.swap_metrics(sc, photo, swap_with(loaded, trace, tgt, neg, pairs, args.cfg, w))
                          for n, w in (("no_swap", OFF), ("photoswap_shipped", SHIPPED))})
         out[form] = {n: Q.summarise([r[n] for r in rows]) for n in rows[0]} | {"how": loaded.how}
     return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..photoswap_core.prompts import encode_prompt_pair
+from ..photoswap_core.prompts import CONCEPT_MAPS, encode_prompt_pair
 from .types import CATEGORY, Concept, Prompts
 
 
@@ -46,6 +46,13 @@ class PhotoswapPromptPair(io.ComfyNode):
                                         "'hat') whose cross-attention map is the only place that pair's swap and "
                                         "blend act; ';'-separated in pair order, empty items = the whole subject. "
                                         "Outside every region the result is the source."),
+                io.Combo.Input("concept_maps", options=list(CONCEPT_MAPS), default=CONCEPT_MAPS[0], optional=True,
+                               tooltip="Whose cross-attention maps the concept's tokens take during the sampler's "
+                                       "cross_map window. 'own' (the official Photoswap): the concept keeps its own "
+                                       "maps; only the self-attention swaps carry the subject's place. 'subject': "
+                                       "the concept's tokens take the subject word's maps, so the concept is drawn "
+                                       "where the subject was; try it when the concept appears beside the subject "
+                                       "or at a place of its own (a concept of another class than the subject)."),
                 Concept.Input("concept", optional=True,
                               tooltip="A PHOTOSWAP_CONCEPT from the Photoswap Concept Loader (or the last of chained "
                                       "loaders: one concept per subject word); when connected its words replace "
@@ -65,9 +72,10 @@ class PhotoswapPromptPair(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, source_prompt, subject_word, concept_words, target_prompt="", negative_prompt="",
-                region_words="", concept=None) -> io.NodeOutput:
+                region_words="", concept_maps=CONCEPT_MAPS[0], concept=None) -> io.NodeOutput:
         source, target, negative, pair = encode_prompt_pair(clip, source_prompt, subject_word, concept_words,
-                                                            target_prompt, negative_prompt, concept, region_words)
+                                                            target_prompt, negative_prompt, concept, region_words,
+                                                            concept_maps)
         return io.NodeOutput(source, target, negative, pair)
 
 

@@ -20,6 +20,12 @@ from .concept.result import concepts_of
 from .errors import PhotoswapInputError
 
 LIST_SEPARATOR = ";"  # between the pairs in subject_word / concept_words / region_words
+# Whose cross-attention maps the concept's tokens take inside the cross-map window (the Prompt Pair's concept_maps):
+# "own" -- the reference alignment: a replaced word is never aligned to the word it replaces (a gap is free, a
+#   mismatch costs 1), so the concept keeps its own maps and only the self-attention swaps carry the subject's place;
+# "subject" -- the concept's tokens take the subject's maps (prompt-to-prompt's word swap), so the concept is drawn
+#   where the subject's word attends. Measured in the toy world (docs/quality.md), not in the paper.
+CONCEPT_MAPS = ("own", "subject")
 T5_MAX_TOKENS = 4096  # T5 is never truncated; the pair is cut to the encoded length (`_t5_padded`)
 T5_MIN_LENGTH = 256  # ComfyUI pads T5 prompts to this many tokens
 
@@ -69,6 +75,7 @@ class PromptPair:
     identifier_words: str = ""
     max_len: int = MAX_TOKENS
     subjects: tuple = ()
+    concept_maps: str = CONCEPT_MAPS[0]
 
     @property
     def has_regions(self) -> bool:
@@ -89,6 +96,8 @@ class PromptPair:
             lines.append(f"'{s.subject_word}' at {list(s.source_positions)} → '{s.identifier_words}' at "
                          f"{list(s.target_positions)}{region}")
         lines.append(f"new target tokens (alpha 0): {[j for j, a in enumerate(self.alphas) if a == 0.0]}")
+        if self.concept_maps != CONCEPT_MAPS[0]:
+            lines.append(f"concept tokens take the {self.concept_maps}'s cross-attention maps")
         return "\n".join(lines)
 
 
@@ -99,7 +108,7 @@ def split_list(text) -> list[str]:
 
 def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_words: str,
                       target_prompt: str | None = None, class_word=None, max_len: int = MAX_TOKENS,
-                      region_words: str = "") -> PromptPair:
+                      region_words: str = "", concept_maps: str = CONCEPT_MAPS[0]) -> PromptPair:
     """Validate the inputs and build the PromptPair.
 
     tokenizer: a HF CLIP tokenizer, a PromptTokenizer, or a ComfyUI CLIP (then ComfyUI's own tokenization is used).
@@ -108,8 +117,14 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
     target_prompt: None or blank -> the source prompt with each subject word replaced by its concept words.
     class_word: the class noun inside the concept words (None: inferred, "": none), or one per pair — decides the
     identifier tokens used as the target's LocalBlend word.
+    concept_maps: one of CONCEPT_MAPS — whether the concept's tokens keep their own cross-attention maps (the
+    reference) or take their subject's (`tie_concepts_to_subjects`).
     Every failure raises PhotoswapInputError naming the input and the fix.
     """
+    if concept_maps not in CONCEPT_MAPS:
+        raise PhotoswapInputError("concept_maps", f"one of {', '.join(CONCEPT_MAPS)} (got {concept_maps!r})",
+                                  "choose 'own' (the reference Photoswap) or 'subject' (the concept drawn where the "
+                                  "subject word attends)")
     tok = as_prompt_tokenizer(tokenizer)
     source_prompt, subjects, concepts, regions = _required_words(source_prompt, subject_word, concept_words,
                                                                  region_words)
@@ -130,6 +145,8 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
                                 concept_ids[k], classes[k], regions[k], found[k], target_prompt)
                   for k in keep)
     mapper, alphas = align_prompts(tok, source_ids, target_ids, max_len)
+    if concept_maps == "subject":
+        mapper, alphas = tie_concepts_to_subjects(mapper, alphas, pairs)
     return PromptPair(
         source_prompt=source_prompt, target_prompt=target, subject_word=_joined(s.subject_word for s in pairs),
         concept_words=_joined(s.concept_words for s in pairs), source_ids=tuple(source_ids),
@@ -137,7 +154,19 @@ def build_prompt_pair(tokenizer, source_prompt: str, subject_word: str, concept_
         source_subject_positions=_union(s.source_positions for s in pairs),
         target_subject_positions=_union(s.target_positions for s in pairs),
         class_word=_joined(s.class_word for s in pairs), identifier_words=_joined(s.identifier_words for s in pairs),
-        max_len=max_len, subjects=pairs)
+        max_len=max_len, subjects=pairs, concept_maps=concept_maps)
+
+
+def tie_concepts_to_subjects(mapper: tuple, alphas: tuple, pairs) -> tuple[tuple, tuple]:
+    """Each pair's concept tokens (every occurrence in the target) aligned to its subject's tokens in the source,
+    spread in order when the counts differ (prompt-to-prompt's word-swap mapper), alpha 1: inside the cross-map
+    window the concept attends where the subject did. Every other column keeps the reference alignment."""
+    mapper, alphas = list(mapper), list(alphas)
+    for pair in pairs:
+        src, tgt = pair.source_positions, pair.concept_positions
+        for k, j in enumerate(tgt):
+            mapper[j], alphas[j] = src[k * len(src) // len(tgt)], 1.0
+    return tuple(mapper), tuple(alphas)
 
 
 def _joined(items) -> str:
@@ -359,7 +388,7 @@ def _t5_padded(clip, pair: PromptPair):
 
 
 def encode_prompt_pair(clip, source_prompt, subject_word, concept_words, target_prompt="", negative_prompt="",
-                       concept=None, region_words=""):
+                       concept=None, region_words="", concept_maps=CONCEPT_MAPS[0]):
     """(source CONDITIONING, target CONDITIONING, negative CONDITIONING, PromptPair)."""
     if clip is None:
         raise PhotoswapInputError("clip", "a CLIP model", "connect the CLIP output of a checkpoint loader or of "
@@ -369,7 +398,7 @@ def encode_prompt_pair(clip, source_prompt, subject_word, concept_words, target_
     t5 = isinstance(tok, T5PromptTokenizer)
     pair = build_prompt_pair(tok, source_prompt, subject_word, words, target_prompt=target_prompt or None,
                              class_word=class_word, region_words=region_words,
-                             max_len=T5_MAX_TOKENS if t5 else MAX_TOKENS)
+                             max_len=T5_MAX_TOKENS if t5 else MAX_TOKENS, concept_maps=concept_maps)
     if t5:
         clip, pair = _t5_padded(clip, pair)
     source = _encode(clip, pair.source_prompt)

@@ -339,6 +339,37 @@ def test_identifier_rule(A, tok, concept, subject, class_word, identifier, cls):
 
 
 @pytest.mark.unit
+def test_concept_maps_subject_ties_the_concept_to_the_subject(A, tok):
+    """concept_maps='subject': the concept's tokens take the subject's columns (alpha 1), spread in order when the
+    counts differ; every other column keeps the reference alignment; 'own' is the reference."""
+    own = A.build_prompt_pair(tok, "a photo of a cat on the grass", "cat", "sks dog")
+    assert own.concept_maps == "own" and A.CONCEPT_MAPS[0] == "own"
+    tied = A.build_prompt_pair(tok, "a photo of a cat on the grass", "cat", "sks dog", concept_maps="subject")
+    (pair,) = tied.subjects
+    assert pair.concept_positions == (5, 6) and pair.source_positions == (5,)
+    assert [tied.mapper[j] for j in (5, 6)] == [5, 5] and [tied.alphas[j] for j in (5, 6)] == [1.0, 1.0]
+    assert [own.alphas[j] for j in (5, 6)] == [0.0, 0.0]
+    others = [j for j in range(len(own.mapper)) if j not in (5, 6)]
+    assert [tied.mapper[j] for j in others] == [own.mapper[j] for j in others]
+    assert [tied.alphas[j] for j in others] == [own.alphas[j] for j in others]
+    assert tied.target_subject_positions == own.target_subject_positions  # LocalBlend words unchanged
+    assert "subject's cross-attention maps" in tied.describe()
+    # two source tokens onto one target token and the reverse, in order; two pairs, each onto its own subject
+    many = A.build_prompt_pair(tok, "a blue tit on a branch", "blue tit", "sks", concept_maps="subject")
+    (pair,) = many.subjects
+    assert many.mapper[pair.concept_positions[0]] == pair.source_positions[0]
+    both = A.build_prompt_pair(tok, "a cat and a mug", "cat; mug", "sks dog; zwx", concept_maps="subject")
+    for pair in both.subjects:
+        src = pair.source_positions
+        assert [both.mapper[j] for j in pair.concept_positions] == [
+            src[k * len(src) // len(pair.concept_positions)] for k in range(len(pair.concept_positions))]
+        assert all(both.alphas[j] == 1.0 for j in pair.concept_positions)
+    # identical prompts: no pair changes, nothing to tie: the alignment is the identity either way
+    same = A.build_prompt_pair(tok, "a cat", "cat", "cat", concept_maps="subject")
+    assert same.mapper == A.build_prompt_pair(tok, "a cat", "cat", "cat").mapper and all(a == 1.0 for a in same.alphas)
+
+
+@pytest.mark.unit
 def test_explicit_target_and_repeated_subject(A, tok):
     pair = A.build_prompt_pair(tok, "A cat sitting next to a cat.", "cat", "sks dog",
                                target_prompt="A sks dog sitting next to a cat.")
@@ -371,6 +402,8 @@ def test_explicit_target_and_repeated_subject(A, tok):
      "target_prompt", ["contains the concept words 'sks dog'", "add 'sks dog' to the target prompt"]),
     (dict(source_prompt="a cat", subject_word="cat", concept_words="sks dog", target_prompt="a sksdog"),
      "target_prompt", ["'sks dog'"]),
+    (dict(source_prompt="a cat", subject_word="cat", concept_words="sks dog", concept_maps="subjects"),
+     "concept_maps", ["own, subject", "'subjects'"]),
 ])
 def test_bad_inputs(A, tok, err_type, kwargs, input_name, in_message):
     with pytest.raises(err_type) as info:

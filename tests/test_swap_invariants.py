@@ -246,6 +246,22 @@ def test_cross_map_swap_equals_reference_formula(tiny_sd15):
     assert alphas[list(prompts.target_subject_positions)].eq(0).all()
 
 
+def test_concept_maps_act_only_inside_the_cross_map_window(tiny_sd15, sd15_trace):
+    """concept_maps='subject' changes the alignment only: with no cross-map window the swap is bit-identical to
+    the reference alignment's; inside one it changes the result."""
+    from comfyui_photoswap.photoswap_core.prompts import build_prompt_pair
+
+    tied = build_prompt_pair(tiny_sd15.clip, SRC, "cat", "sks dog", concept_maps="subject")
+    own = _prompts(tiny_sd15)
+    for blend in (True, False):
+        a = _swap(tiny_sd15, sd15_trace, own, _windows(0.8, 0.0, 0.0, blend))
+        b = _swap(tiny_sd15, sd15_trace, tied, _windows(0.8, 0.0, 0.0, blend))
+        assert torch.equal(a[0], b[0]), blend
+    a = _swap(tiny_sd15, sd15_trace, own, _windows(0.8, 0.0, 0.6))
+    b = _swap(tiny_sd15, sd15_trace, tied, _windows(0.8, 0.0, 0.6))
+    assert float((a[0] - b[0]).abs().max()) > 1e-3
+
+
 def test_windows_beyond_recorded_fraction_refused(tiny_sd15):
     from comfyui_photoswap.photoswap_core.errors import PhotoswapInputError
 

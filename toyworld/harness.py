@@ -131,14 +131,14 @@ def decode(vae, latent: dict) -> np.ndarray:
 
 
 def prompt_pair(loaded: Loaded, source_prompt: str, subject_word: str, target_prompt: str = "",
-                words: str | None = None):
+                words: str | None = None, concept_maps: str = "own"):
     """The Prompt Pair node with the loaded concept, or, with `words`, plain words in the subject's place (an edit
     of the world: no concept connected)."""
     pp = node("prompt_nodes", "PhotoswapPromptPair")
     concept = {} if words is not None else {"concept": loaded.concept}
     (src, tgt, neg, prompts), _ = run_node(pp, clip=loaded.clip, source_prompt=source_prompt,
                                            subject_word=subject_word, concept_words=words or loaded.words,
-                                           target_prompt=target_prompt, **concept)
+                                           target_prompt=target_prompt, concept_maps=concept_maps, **concept)
     return src, tgt, neg, prompts
 
 
