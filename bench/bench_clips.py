@@ -148,13 +148,14 @@ def toyworld_clip(frames: int, shift: int, seed: int = 2024, photos: str = "held
     raise RuntimeError("no held-out photo leaves room for the motion: use fewer frames or a smaller --shift")
 
 
-def measure_toyworld(frames=4, steps=20, shift=8, subject="concept", photos="heldout") -> dict:
+def measure_toyworld(frames=4, steps=20, shift=8, subject="concept", photos="heldout", concept_maps="own") -> dict:
     """The clip report in the trained toy world (toyworld/, models through the Concept Loader): besides the latent
     flicker figures, per frame the detector's reading of the decoded swap -- the new subject found, and how far its
     centre is from the moving source object's (follows the motion when small). `subject`: "concept" swaps in the
     DreamBooth sks square; "recolour" has the base model recolour the object (bench/quality.py's world edit), a new
     subject the model draws reliably, so the frame figures do not hinge on the concept's weak identity. `photos`
-    "same_class" moves a square (the concept's class, where the concept is found most often)."""
+    "same_class" moves a square (the concept's class, where the concept is found most often). `concept_maps`: the
+    Prompt Pair's choice ("subject": the new subject's tokens take the old one's cross-attention maps)."""
     import numpy as np
     import torch
 
@@ -175,13 +176,14 @@ def measure_toyworld(frames=4, steps=20, shift=8, subject="concept", photos="hel
     if subject == "recolour":
         loaded = H.load_concept("base")
         old_colour, new_colour = recolour(clip_scenes[0])
-        src, tgt, neg, prompts = H.prompt_pair(loaded, clip_scenes[0].caption, old_colour, words=new_colour)
+        src, tgt, neg, prompts = H.prompt_pair(loaded, clip_scenes[0].caption, old_colour, words=new_colour,
+                                               concept_maps=concept_maps)
         want = {"colour": new_colour, "shape": clip_scenes[0].objects[0].shape}
         label = f"base model, the object recoloured {new_colour}"
     else:
         loaded = H.load_concept("dreambooth")
         src, tgt, neg, prompts = H.prompt_pair(loaded, clip_scenes[0].caption, clip_scenes[0].objects[0].shape,
-                                               target_prompt(clip_scenes[0]))
+                                               target_prompt(clip_scenes[0]), concept_maps=concept_maps)
         want, label = {}, "DreamBooth sks square"
     win = SwapWindows(**SHIPPED)  # the shipped windows, as bench/quality.py names them
     model = loaded.model
@@ -192,7 +194,8 @@ def measure_toyworld(frames=4, steps=20, shift=8, subject="concept", photos="hel
         inv = run_inversion(model, samples, src, neg, InversionSettings(method="direct", steps=steps))
         trace = record_clip(model, src, neg, inv.schedule, 7.5, trajectory_vp=inv.trajectory,
                             null_embeddings=inv.null_embeddings, method="direct")
-        report = {"family": f"toyworld (trained, {label})", "subject": subject, "photos": photos, "size": W.SIZE,
+        report = {"family": f"toyworld (trained, {label})", "subject": subject, "photos": photos,
+                  "concept_maps": concept_maps, "size": W.SIZE,
                   "frames": frames,
                   "steps": steps, "shift_px": shift, "caption": clip_scenes[0].caption, "modes": {}}
         for mode in MODES:
@@ -241,13 +244,16 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", default="heldout", choices=CLIP_PHOTOS,
                         help="toyworld only: the moving object from bench/quality.py's held-out photos, or a square "
                              "from its same_class photos (the concept's class)")
+    parser.add_argument("--concept-maps", default="own", choices=("own", "subject"),
+                        help="toyworld only: the Prompt Pair's concept_maps (subject: the new subject's tokens take "
+                             "the old one's cross-attention maps)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.family == "toyworld":
-        report = measure_toyworld(args.frames, args.steps, args.shift, args.subject, args.photos)
-    elif args.subject != "concept" or args.photos != "heldout":
-        parser.error("--subject recolour and --photos same_class need --family toyworld (the random-weight families "
-                     "draw no subject)")
+        report = measure_toyworld(args.frames, args.steps, args.shift, args.subject, args.photos, args.concept_maps)
+    elif args.subject != "concept" or args.photos != "heldout" or args.concept_maps != "own":
+        parser.error("--subject recolour, --photos same_class and --concept-maps subject need --family toyworld (the "
+                     "random-weight families draw no subject)")
     else:
         report = run(args.family, args.size, args.frames, args.steps, args.shift, args.device)
     print(format_report(report))

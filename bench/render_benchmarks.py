@@ -35,7 +35,8 @@ SWAP_ROWS = [("no_swap", "target prompt from z_T, no swap"), ("cross_map_only", 
              ("self_output_only", "self-output swap only (0.8)"),
              ("photoswap_no_blend", "Photoswap 0.8 / 0 / 0.6, LocalBlend off"),
              ("photoswap_shipped", "**Photoswap, shipped windows** (0.8 / 0 / 0.6, LocalBlend)"),
-             ("photoswap_paper", "Photoswap, paper windows (0.2 / 0.3 / 0.4, LocalBlend)")]
+             ("photoswap_paper", "Photoswap, paper windows (0.2 / 0.3 / 0.4, LocalBlend)"),
+             ("photoswap_subject_maps", "Photoswap, shipped windows, Prompt Pair `concept_maps` = `subject`")]
 SUMMARY_STAGES = ["swap_trace", "swap_lockstep", "inversion_direct", "inversion_null_text", "record"]
 DEVICE_ORDER = {"cpu": 0, "cuda": 1}
 

@@ -169,6 +169,11 @@ def test_quality_floors(tmp_path):
     assert shipped["leakage"] < none["leakage"], (shipped, none)
     assert shipped["place_error_px"] < none["place_error_px"], (shipped, none)
     assert shipped["identity_in_place"] > none["identity_in_place"], (shipped, none)  # the concept where the old was
+    # the same windows with the Prompt Pair's concept_maps = "subject" (the concept takes the subject's cross maps)
+    tied = swaps["photoswap_subject_maps"]
+    assert tied["place_error_px"] < none["place_error_px"], (tied, none)
+    assert tied["background_psnr_db"] > none["background_psnr_db"], (tied, none)
+    assert tied["identity_in_place"] > none["identity_in_place"], (tied, none)
     # inversion: the pinned methods reconstruct through the VAE; null-text is at least as good as plain DDIM
     assert inv["direct"]["psnr_db"] >= floors["direct_psnr_db"], inv
     assert inv["null_text"]["psnr_db"] >= inv["ddim"]["psnr_db"] - 0.5, inv
@@ -241,10 +246,11 @@ def test_clip_edit_follows_the_motion_in_every_frame(tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("option", [("--subject", "recolour"), ("--photos", "same_class")])
+@pytest.mark.parametrize("option", [("--subject", "recolour"), ("--photos", "same_class"),
+                                    ("--concept-maps", "subject")])
 def test_clip_benchmark_refuses_toy_world_options_without_the_toy_world(option):
-    """--subject recolour and --photos same_class need a model that draws the world: on a random-weight family they
-    are refused, naming why."""
+    """--subject recolour, --photos same_class and --concept-maps subject need a model that draws the world: on a
+    random-weight family they are refused, naming why."""
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_clips.py"), "--family", "tiny", *option],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--family toyworld" in proc.stderr, proc.stderr[-2000:]
