@@ -286,3 +286,23 @@ def test_concept_places_probe_runs_on_the_committed_weights(tmp_path):
     assert len(result["instances"]) == T.INSTANCES and len(result["world_places"]) == 2, result
     assert len(result["to_instance_px"]) == round(result["concept_found"] * 2), result
     assert all(0 <= d < W.SIZE * 1.5 for d in result["to_instance_px"] + result["world_to_instance_px"]), result
+
+
+@pytest.mark.integration
+def test_shape_probe_runs_on_the_committed_weights(tmp_path):
+    """toyworld/probe_shapes (docs/quality.md): per true shape, what the detector read and the box and corner fill
+    it saw, on generations and VAE round trips; every prompt and render accounted for."""
+    _need_weights()
+    out = tmp_path / "shapes.json"
+    subprocess.run([sys.executable, "-m", "toyworld.probe_shapes", "--count", "4", "--out", str(out)],
+                   cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert result["corner_threshold"] == D.CORNERS_FILLED
+    for kind in ("generated", "vae_round_trips"):
+        shapes = result[kind]
+        assert sum(f["n"] for f in shapes.values()) == 4, result
+        for shape, f in shapes.items():
+            assert shape in W.SHAPES and sum(f["read_as"].values()) == f["n"], (kind, shape, f)
+            if f["read_as"].get("nothing", 0) < f["n"]:  # the ranges of what it saw
+                assert 0 <= f["fill_min"] <= f["fill_max"] <= 1, (kind, shape, f)
+                assert 0 <= f["corner_fill_min"] <= f["corner_fill_max"] <= 1, (kind, shape, f)

@@ -84,8 +84,8 @@ PINCHED_FILL, CORNERS_FILLED = 0.7, 0.5  # a square drawn with rounded or pinche
 
 def _corners_filled(sub: np.ndarray) -> float:
     """Mean fill of the three fullest corner patches of a bounding box: near 1 for a square even when its sides are
-    drawn pinched, 0 for a clean circle; measured at most 0.33 on VAE round trips of circles and 0.44 on the base
-    model's generated circles (docs/quality.md), so 0.5 -- corners more full than empty -- separates them."""
+    drawn pinched, 0 for a clean circle. CORNERS_FILLED = 0.5 (corners more full than empty) is the boundary;
+    `toyworld.probe_shapes` measures both sides on generations and VAE round trips (docs/quality.md)."""
     h, w = sub.shape
     ky, kx = max(1, round(CORNER * h)), max(1, round(CORNER * w))
     fills = sorted(float(p.mean()) for p in (sub[:ky, :kx], sub[:ky, -kx:], sub[-ky:, :kx], sub[-ky:, -kx:]))
