@@ -195,8 +195,7 @@ def measure_toyworld(frames=4, steps=20, shift=8, subject="concept", photos="hel
         trace = record_clip(model, src, neg, inv.schedule, 7.5, trajectory_vp=inv.trajectory,
                             null_embeddings=inv.null_embeddings, method="direct")
         report = {"family": f"toyworld (trained, {label})", "subject": subject, "photos": photos,
-                  "concept_maps": concept_maps, "size": W.SIZE,
-                  "frames": frames,
+                  "concept_maps": concept_maps, "size": W.SIZE, "frames": frames,
                   "steps": steps, "shift_px": shift, "caption": clip_scenes[0].caption, "modes": {}}
         for mode in MODES:
             t0 = time.perf_counter()

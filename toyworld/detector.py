@@ -7,7 +7,8 @@ second trained model whose own errors would need measuring.
 How: the background varies only with the row (plain / striped / gradient), and objects keep MARGIN pixels from the
 border, so each row's background colour is read from the border columns. Pixels far from it are foreground;
 connected components of the foreground are objects. Shape from the fill ratio of the bounding box (square ~1,
-circle ~pi/4, triangle ~1/2), the top/bottom balance and, for a square drawn with pinched sides, its full corners; colour from the nearest palette colour of the interior's
+circle ~pi/4, triangle ~1/2), the top/bottom balance and, for a square drawn with pinched sides, its full corners;
+colour from the nearest palette colour of the interior's
 median; the concept (sks square) from its two stripe colours.
 """
 from __future__ import annotations
